@@ -1,0 +1,371 @@
+"""One typed, validated config for every stage, loaded from `model_config.yml`.
+
+The YAML file holds the full default config (the `shapes32` preset) at its top level and, under
+`presets:`, named deltas (`tiny`, `cifar10`, ...). Loading = defaults <- preset <- `--set` overrides, then
+every value is checked against the dataclasses below: an unknown key, a wrong type or an out-of-range
+value raises ConfigError naming the key and the file before any work starts. YAML reads `1e-4` as a
+string, so numbers are coerced to the declared type.
+
+Field names equal constructor argument names, so building a model is `Model(**asdict(cfg.clip.model))`.
+Paths of artifacts (checkpoints, run folders) never live here: they are command-line arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model_config.yml"
+DEFAULT_PRESET = "shapes32"
+
+
+class ConfigError(ValueError):
+    """A problem with the config; the message names the file and the key."""
+
+
+def _opt(default, doc: str = "", choices=None, min=None, max=None):
+    return field(default=default, metadata={"doc": doc, "choices": choices, "min": min, "max": max})
+
+
+def _list(default, doc: str = "", min=None):
+    return field(default_factory=lambda: list(default), metadata={"doc": doc, "min": min})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _opt("shapes", "which data: shapes | cifar10 | folder", choices=("shapes", "cifar10", "folder"))
+    root: str = _opt("data/shapes_objects", "dataset folder (relative to the working directory); shapes are generated there if missing")
+    variant: str = _opt("objects", "shapes variant", choices=("objects", "positions"))
+    n_train: int = _opt(20000, "shapes: training images to generate", min=1)
+    n_test: int = _opt(2000, "shapes: test images to generate", min=1)
+    seed: int = _opt(0, "shapes: generator seed", min=0)
+    image_size: int = _opt(32, "side of the images the models see", choices=(16, 32, 64))
+    flip: bool = _opt(True, "random horizontal flips (captions' left/right are swapped to stay true)")
+    captions_file: str = _opt("captions.jsonl", "folder dataset: captions file (CSV or JSONL) inside root")
+    download: bool = _opt(False, "cifar10: download through torchvision if missing")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _opt(10000, "optimizer steps", min=1)
+    batch_size: int = _opt(512, "global batch size (split across DDP ranks)", min=1)
+    lr: float = _opt(5e-4, "peak learning rate (AdamW)", min=0.0)
+    min_lr_ratio: float = _opt(0.1, "cosine decay ends at lr * min_lr_ratio", min=0.0, max=1.0)
+    warmup_steps: int = _opt(500, "linear warm-up steps", min=0)
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, embeddings)", min=0.0)
+    beta1: float = _opt(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = _opt(0.999, "AdamW beta2", min=0.0, max=1.0)
+    grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", min=0.0)
+    ema_decay: float = _opt(0.0, "EMA of weights (0 = off); the EMA weights are what sampling uses", min=0.0, max=1.0)
+    precision: str = _opt("bf16", "bf16 autocast on CUDA (always fp32 on CPU)", choices=("bf16", "fp32"))
+    compile: bool = _opt(False, "torch.compile the model")
+    log_every: int = _opt(50, "steps between metrics.jsonl lines", min=1)
+    eval_every: int = _opt(2000, "steps between evaluations (0 = only at the end)", min=0)
+    save_every: int = _opt(1000, "steps between resume checkpoints", min=1)
+    sample_every: int = _opt(2000, "decoder: steps between sample grids (0 = only at the end)", min=0)
+    seed: int = _opt(0, "seed of data order, augmentation and noise", min=0)
+
+
+@dataclass
+class ClipModelConfig:
+    embed_dim: int = _opt(256, "joint embedding size", min=1)
+    vision_width: int = _opt(256, "ViT width", min=1)
+    vision_layers: int = _opt(6, "ViT layers", min=1)
+    vision_heads: int = _opt(4, "ViT heads", min=1)
+    patch_size: int = _opt(4, "ViT patch size", min=1)
+    text_width: int = _opt(256, "text transformer width", min=1)
+    text_layers: int = _opt(4, "text transformer layers", min=1)
+    text_heads: int = _opt(4, "text transformer heads", min=1)
+    context_length: int = _opt(32, "tokens per caption (BOS and EOS included)", min=3)
+    dropout: float = _opt(0.0, "dropout in both encoders", min=0.0, max=1.0)
+
+
+@dataclass
+class ClipConfig:
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _opt(1000, "diffusion steps T", min=1)
+    schedule: str = _opt("cosine", "noise schedule", choices=("cosine", "linear"))
+    objective: str = _opt("eps", "what the network predicts", choices=("eps", "x0", "v"))
+    loss_weighting: str = _opt("plain", "loss weight over timesteps", choices=("plain", "min_snr"))
+    min_snr_gamma: float = _opt(5.0, "gamma of min-SNR weighting", min=0.0)
+
+
+@dataclass
+class PriorModelConfig:
+    width: int = _opt(512, "transformer width", min=1)
+    layers: int = _opt(6, "transformer layers", min=1)
+    heads: int = _opt(8, "attention heads", min=1)
+    dropout: float = _opt(0.0, "dropout", min=0.0, max=1.0)
+    cond_drop_prob: float = _opt(0.1, "text conditioning dropped this often in training (for prior guidance)", min=0.0, max=1.0)
+
+
+@dataclass
+class PriorConfig:
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(objective="x0"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DecoderModelConfig:
+    channels: int = _opt(128, "UNet base channels", min=1)
+    channel_mult: list[int] = _list([1, 2, 2], "channel multiplier per resolution", min=1)
+    num_res_blocks: int = _opt(2, "residual blocks per resolution", min=1)
+    attention_resolutions: list[int] = _list([16, 8], "feature-map sides with attention over image + context", min=1)
+    head_channels: int = _opt(64, "channels per attention head", min=1)
+    dropout: float = _opt(0.1, "dropout in residual blocks", min=0.0, max=1.0)
+    text_width: int = _opt(256, "decoder text transformer width", min=1)
+    text_layers: int = _opt(4, "decoder text transformer layers", min=1)
+    text_heads: int = _opt(4, "decoder text transformer heads", min=1)
+    clip_tokens: int = _opt(4, "context tokens projected from the CLIP image embedding", min=1)
+    clip_drop_prob: float = _opt(0.1, "CLIP embedding dropped this often in training", min=0.0, max=1.0)
+    text_drop_prob: float = _opt(0.5, "caption dropped this often in training (independently)", min=0.0, max=1.0)
+
+
+@dataclass
+class DecoderConfig:
+    model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SamplingConfig:
+    guidance_scale: float = _opt(3.0, "decoder classifier-free guidance scale (1 = none)", min=0.0)
+    prior_guidance_scale: float = _opt(1.0, "prior classifier-free guidance scale (1 = none)", min=0.0)
+    steps: int = _opt(50, "decoder sampling steps", min=1)
+    prior_steps: int = _opt(64, "prior sampling steps", min=1)
+    sampler: str = _opt("ddim", "sampler", choices=("ddim", "ddpm"))
+    eta: float = _opt(0.0, "DDIM eta (0 = deterministic)", min=0.0)
+    candidates: int = _opt(2, "prior samples per caption; the one closest to the caption is kept", min=1)
+    clip_x0: str = _opt("static", "clipping of the decoder's predicted x0", choices=("static", "dynamic", "none"))
+    batch_size: int = _opt(256, "images per sampling batch", min=1)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    preset: str = _opt(DEFAULT_PRESET, "the preset this config was built from")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    """Coerce one YAML value to the declared type, or raise ConfigError naming the key."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list of {item.__name__}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise bad("true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise bad("an integer") from None
+            if f.is_integer():
+                return int(f)
+        raise bad("an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _check_range(value: Any, meta: dict, key: str, source: str) -> None:
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if meta.get("choices") is not None and v not in meta["choices"]:
+            raise ConfigError(f"{source}: {key}: {v!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("min") is not None and v < meta["min"]:
+            raise ConfigError(f"{source}: {key}: {v!r} is below the minimum {meta['min']}")
+        if meta.get("max") is not None and v > meta["max"]:
+            raise ConfigError(f"{source}: {key}: {v!r} is above the maximum {meta['max']}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str):
+    """A dataclass instance from a (partial) dict; missing keys keep their defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    default = cls()
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{full}' (known: {', '.join(fields)})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            # merge into the field's own default (e.g. the prior's diffusion defaults to x0)
+            base = asdict(getattr(default, key))
+            kwargs[key] = _build(typ, _merge(base, value if isinstance(value, dict) else {"": value}, full, source),
+                                 full + ".", source)
+        else:
+            v = _coerce(value, typ, full, source)
+            _check_range(v, fields[key].metadata, full, source)
+            kwargs[key] = v
+    return cls(**kwargs)
+
+
+def _merge(base: dict, delta: dict, prefix: str, source: str) -> dict:
+    """Recursive dict merge (delta wins); a mapping may only replace a mapping."""
+    out = dict(base)
+    for k, v in delta.items():
+        if k == "":
+            raise ConfigError(f"{source}: {prefix}: expected a mapping, got {v!r}")
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{prefix}.{k}" if prefix else k, source)
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve_key(key: str, cfg_dict: dict, source: str) -> list[str]:
+    """'clip.train.lr' as is; the shorthand 'clip.lr' resolves when exactly one sub-section of
+    'clip' has an 'lr' field."""
+    parts = key.split(".")
+    node = cfg_dict
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            continue
+        if isinstance(node, dict) and i == len(parts) - 1:
+            hits = [k for k, sub in node.items() if isinstance(sub, dict) and part in sub]
+            if len(hits) == 1:
+                return parts[:i] + [hits[0], part]
+            if len(hits) > 1:
+                raise ConfigError(f"{source}: '{key}' is ambiguous: use one of "
+                                  + ", ".join(".".join(parts[:i] + [h, part]) for h in hits))
+        raise ConfigError(f"{source}: unknown key '{key}'")
+    return parts
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'clip.train.lr=3e-4' -> ('clip.train.lr', '3e-4' parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. clip.train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | os.PathLike | None = None, preset: Optional[str] = None,
+                overrides: Optional[list[str]] = None) -> Config:
+    """defaults (top level of the file) <- preset <- overrides, validated."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    presets = raw.pop("presets", {}) or {}
+    preset = preset or raw.pop("preset", None) or DEFAULT_PRESET
+    raw.pop("preset", None)
+    if preset not in presets and preset != DEFAULT_PRESET:
+        raise ConfigError(f"{source}: unknown preset '{preset}' (known: {', '.join(presets) or DEFAULT_PRESET})")
+    merged = _merge(raw, presets.get(preset) or {}, "", f"{source} (preset {preset})")
+    merged["preset"] = preset
+    _build(Config, merged, "", source)  # validate the file before applying overrides
+    for item in overrides or []:
+        key, value = parse_override(item)
+        parts = _resolve_key(key, asdict(Config()), "--set")
+        delta: Any = value
+        for part in reversed(parts):
+            delta = {part: delta}
+        merged = _merge(merged, delta, "", "--set")
+    return _build(Config, merged, "", source if not overrides else f"{source} with --set")
+
+
+def config_from_dict(data: dict, source: str) -> Config:
+    """A Config from a dict saved in a checkpoint; keys unknown to this version are an error."""
+    return _build(Config, data, "", source)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--config, --preset and --set on every entry point."""
+    g = parser.add_argument_group("config")
+    g.add_argument("--config", default=None, help=f"config file (default: {DEFAULT_CONFIG.name} in the repo)")
+    g.add_argument("--preset", default=None, help="named preset: tiny, shapes32 (default), cifar10, ...")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value, e.g. --set clip.train.lr=3e-4 (repeatable; 'clip.lr' works when unique)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.preset, args.overrides)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(cfg.to_yaml())
+    os.replace(tmp, path)
+
+
+def describe_options() -> str:
+    """A Markdown table of every option with its default and doc (used for the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.metadata.get("doc"):
+                rows.append(f"| `{prefix}{f.name}` | `{value}` | {f.metadata['doc']} |")
+    walk(Config(), "")
+    return "\n".join(rows)

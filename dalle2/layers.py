@@ -1,0 +1,102 @@
+"""Building blocks shared by every model in the project.
+
+CLIP's two encoders, the diffusion prior and the decoder's text encoder are all stacks of the same
+pre-LayerNorm transformer block; the sinusoidal timestep embedding is shared by the prior and the
+decoder. Keeping them here means one implementation to read and to fix.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    """Multi-head attention on top of `F.scaled_dot_product_attention` (flash / memory-efficient
+    kernels on GPU). Self-attention when `context` is None; otherwise the queries come from `x`
+    and keys/values from `context`."""
+
+    def __init__(self, width: int, heads: int, context_width: Optional[int] = None):
+        super().__init__()
+        if width % heads != 0:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_width or width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+        """x: (N, T, W); context: (N, S, Wc) or None; mask: (N, S) bool, True = may be attended
+        (or an (N, 1, T, S) bool mask); causal: lower-triangular self-attention. Returns (N, T, W)."""
+        n, t, w = x.shape
+        context = x if context is None else context
+        q = self.q(x).view(n, t, self.heads, -1).transpose(1, 2)  # (N, h, T, d)
+        k, v = self.kv(context).view(n, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (N, h, S, d)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = mask[:, None, None, :] if mask.dim() == 2 else mask  # (N, 1, 1|T, S)
+            if causal:
+                attn_mask = attn_mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (N, h, T, d)
+        return self.out(y.transpose(1, 2).reshape(n, t, w))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+        """x: (N, T, W); mask: (N, T) bool key-padding mask (True = real token). Returns (N, T, W)."""
+        x = x + self.drop(self.attn(self.ln_1(x), mask=mask, causal=causal))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of `layers` TransformerBlocks."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+        """x: (N, T, W) -> (N, T, W)."""
+        for block in self.blocks:
+            x = block(x, mask=mask, causal=causal)
+        return x
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer / DDPM.
+    t: (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features followed by a 2-layer MLP: t (N,) -> (N, out_dim)."""
+
+    def __init__(self, out_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))

@@ -1,0 +1,97 @@
+"""The config loader: defaults, presets, overrides, type coercion and errors that name key and file."""
+import dataclasses
+import textwrap
+
+import pytest
+
+from dalle2.config import _resolve_key, Config, ConfigError, config_from_dict, describe_options, load_config, save_config
+
+
+def test_default_preset_is_shapes32_and_floats_are_floats():
+    cfg = load_config()
+    assert cfg.preset == "shapes32"
+    assert isinstance(cfg.clip.train.lr, float) and cfg.clip.train.lr == 5e-4  # written 5e-4 in YAML: a string to PyYAML
+    assert cfg.prior.diffusion.objective == "x0"
+
+
+def test_every_preset_loads():
+    for preset in ("tiny", "shapes32", "positions", "cifar10"):
+        assert load_config(preset=preset).preset == preset
+
+
+def test_overrides_and_shorthand():
+    cfg = load_config(preset="tiny", overrides=["clip.lr=3e-4", "decoder.model.channel_mult=[1, 2, 4]", "data.flip=false"])
+    assert cfg.clip.train.lr == pytest.approx(3e-4)
+    assert cfg.decoder.model.channel_mult == [1, 2, 4]
+    assert cfg.data.flip is False
+    assert cfg.data.root == "data/shapes_tiny"  # from the preset
+
+
+@pytest.mark.parametrize("override, words", [
+    ("clip.train.foo=1", ["unknown key", "clip.train.foo"]),
+    ("clip.train.lr=fast", ["clip.train.lr", "expected a number"]),
+    ("clip.train.steps=1.5", ["clip.train.steps", "integer"]),
+    ("data.dataset=imagenet", ["data.dataset", "not one of"]),
+    ("clip.train.lr=-1", ["clip.train.lr", "minimum"]),
+    ("data.flip=maybe", ["data.flip", "true or false"]),
+    ("lr=1", ["unknown key"]),
+    ("clip.lr", ["KEY=VALUE"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_shorthand_resolution():
+    assert load_config(overrides=["decoder.objective=eps"]).decoder.diffusion.objective == "eps"
+    tree = {"stage": {"model": {"dropout": 0.0}, "train": {"dropout": 0.1, "lr": 1.0}}}
+    assert _resolve_key("stage.lr", tree, "--set") == ["stage", "train", "lr"]
+    with pytest.raises(ConfigError, match="ambiguous"):
+        _resolve_key("stage.dropout", tree, "--set")
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "cfg.yml"
+    bad.write_text(textwrap.dedent("""
+        data: {image_size: 32}
+        clip: {model: {embed_dim: 64, wings: 2}}
+    """))
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(bad) in str(e.value) and "clip.model.wings" in str(e.value)
+    bad.write_text("data: {n_train: many}\n")
+    with pytest.raises(ConfigError, match=r"cfg.yml: data.n_train: expected an integer"):
+        load_config(bad)
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yml")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="huge")
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(preset="tiny")
+    assert config_from_dict(cfg.to_dict(), "ckpt") == cfg
+    save_config(cfg, tmp_path / "run" / "config.yml")
+    assert load_config(tmp_path / "run" / "config.yml", preset="shapes32") .clip == cfg.clip
+    with pytest.raises(ConfigError, match="unknown key 'clip.model.old'"):
+        d = cfg.to_dict()
+        d["clip"]["model"]["old"] = 1
+        config_from_dict(d, "ckpt")
+
+
+def test_every_option_is_documented():
+    table = describe_options()
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                yield from walk(v, f"{prefix}{f.name}.")
+            elif f.name != "preset":
+                yield f"{prefix}{f.name}"
+    for key in walk(Config(), ""):
+        assert f"`{key}`" in table, key
