@@ -1,0 +1,114 @@
+"""Small image utilities shared by the project: tensor -> PIL, captioned grids, atomic saves.
+
+Used for dataset previews (data/shapes.py --preview) and for sample grids of the trained models.
+Pillow only: torch is never imported here, tensors are handled by duck typing so that importing
+this module stays cheap and side-effect free.
+"""
+
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_pil(x) -> Image.Image:
+    """Convert one image tensor to a PIL RGB image.
+
+    x: (3, H, W) (or (1, H, W)) tensor, either float in [0, 1] (values outside are clipped) or uint8.
+    A PIL image is returned unchanged (converted to RGB), so callers can pass either.
+    Models work in [-1, 1]: map with `(x + 1) / 2` before calling.
+    """
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"to_pil expects a (3, H, W) or (1, H, W) tensor, got shape {tuple(x.shape)}")
+    x = x.detach().cpu()
+    if x.dtype.is_floating_point:
+        x = (x.clamp(0, 1) * 255).round()
+    x = x.byte()  # uint8, without importing torch here
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    hwc = x.permute(1, 2, 0).contiguous()  # (H, W, 3)
+    h, w = hwc.shape[0], hwc.shape[1]
+    return Image.frombytes("RGB", (w, h), hwc.numpy().tobytes())
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def _wrap(text: str, font, max_px: int, width_chars=None) -> list[str]:
+    """Greedy word wrap, by character count when width_chars is given, else by rendered pixel width."""
+    if width_chars is not None:
+        return textwrap.wrap(text, width=width_chars) or [""]
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if line and font.getlength(candidate) > max_px:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    lines.append(line)
+    return lines
+
+
+def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int = 4,
+                   width_chars=None) -> Image.Image:
+    """Lay images out in a grid with each caption wrapped underneath, on a white background.
+
+    images: PIL images (or (3, H, W) tensors, see to_pil), each upscaled by `scale` with NEAREST so
+    32 px samples stay crisp and readable. captions: one string per image ("" for none).
+    width_chars: wrap captions at this many characters; default wraps at the tile's pixel width.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if not images:
+        raise ValueError("captioned_grid needs at least one image")
+    scale = max(1, int(scale))
+    tiles = [to_pil(im) for im in images]
+    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
+    tile_w = max(t.width for t in tiles)
+    tile_h = max(t.height for t in tiles)
+
+    font = _font()
+    left, top, right, bottom = font.getbbox("Ag")
+    line_h = bottom + 2  # glyph height plus a little leading
+    wrapped = [_wrap(c, font, tile_w, width_chars) for c in captions]
+    text_h = max(len(w) for w in wrapped) * line_h + 4
+
+    pad = 4
+    cols = max(1, min(cols, len(tiles)))
+    rows = (len(tiles) + cols - 1) // cols
+    cell_w, cell_h = tile_w + pad, tile_h + text_h + pad
+    grid = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (tile, lines) in enumerate(zip(tiles, wrapped)):
+        x0 = pad + (i % cols) * cell_w
+        y0 = pad + (i // cols) * cell_h
+        grid.paste(tile, (x0, y0))
+        for j, line in enumerate(lines):
+            draw.text((x0, y0 + tile_h + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
+    return grid
+
+
+def save_image_atomic(img: Image.Image, path) -> Path:
+    """Save `img` to `path` so that readers never see a half-written file.
+
+    Writes to a temporary file in the same folder (same filesystem, so the final os.replace is
+    atomic), keeping the suffix so Pillow picks the format from it. Creates the folder if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -1,0 +1,343 @@
+"""The shapes dataset: synthetic captioned images of coloured shapes (see shared/SHAPES_SPEC.md).
+
+The project's default data for every stage and every test. Everything here follows the spec to
+the letter; where the spec is silent the choice is documented next to the code.
+
+Usage:
+    python data/shapes.py --variant objects --out datasets/shapes            # 20,000 / 2,000, seed 0
+    python data/shapes.py --variant positions --out datasets/shapes_pos --n-train 5000 --n-test 500
+    python data/shapes.py --out /tmp/s --n-train 200 --n-test 16 --preview /tmp/s/preview.png
+
+Output: DIR/train/ and DIR/test/, each with 000000.png ... and metadata.jsonl, one record a line:
+    {"file": "000123.png", "caption": "...", "objects": [{"colour", "shape", "size", "position",
+     "bbox": [x1, y1, x2, y2], "rotation" (polygons only)}, ...]}
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------
+# The vocabulary of the dataset (spec: Canvas, Colours, Shapes, Zero-shot hold-out).
+
+CANVAS = 128
+BACKGROUND = (128, 128, 128)  # gray is never a shape colour
+MIN_LEN = 20
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "red": (255, 0, 0),
+    "green": (0, 128, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "silver": (192, 192, 192),
+    "maroon": (128, 0, 0),
+    "olive": (128, 128, 0),
+    "purple": (128, 0, 128),
+    "teal": (0, 128, 128),
+    "navy": (0, 0, 128),
+    "orange": (255, 165, 0),
+    "gold": (255, 215, 0),
+    "pink": (255, 192, 203),
+}
+SHAPES: tuple[str, ...] = ("rectangle", "square", "ellipse", "circle", "triangle", "pentagon")
+_COLOUR_NAMES = tuple(COLOURS)
+POLYGON_SIDES = {"triangle": 3, "pentagon": 5}
+VARIANTS = ("objects", "positions")
+
+# A tuple in spec order, because iterating a frozenset of strings depends on PYTHONHASHSEED and
+# would make the forced test scenes (and so the files) differ between runs.
+_HOLDOUT_ORDER = (
+    ("white", "rectangle"),
+    ("gold", "triangle"),
+    ("blue", "circle"),
+    ("red", "pentagon"),
+    ("green", "square"),
+    ("yellow", "ellipse"),
+)
+HOLDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(_HOLDOUT_ORDER)
+
+# Caption probabilities (spec: Caption grammar).
+P_THE = 0.2
+P_DROP_SIZE = 0.3
+PLACEMENT_RETRIES = 100  # tries for the second object's box before the whole scene is resampled
+
+SPLITS = ("train", "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Words from the bounding box (spec: Sizes, Positions). bbox = [x1, y1, x2, y2], inclusive pixels.
+
+def size_word(bbox) -> str:
+    """'small' < 0.05 <= 'medium' < 0.15 <= 'large', from the bbox area over the canvas area."""
+    x1, y1, x2, y2 = bbox
+    area = (x2 - x1) * (y2 - y1) / (CANVAS * CANVAS)
+    if area < 0.05:
+        return "small"
+    if area < 0.15:
+        return "medium"
+    return "large"
+
+
+def position_word(bbox) -> str:
+    """'top'/'bottom' and 'left'/'right' when the box lies wholly in one half, else 'center'."""
+    x1, y1, x2, y2 = bbox
+    half = CANVAS // 2
+    vertical = "top" if y2 <= half else "bottom" if y1 > half else ""
+    horizontal = "left" if x2 <= half else "right" if x1 > half else ""
+    return " ".join(w for w in (vertical, horizontal) if w) or "center"
+
+
+def boxes_overlap(a, b) -> bool:
+    """Inclusive pixel boxes: touching (sharing a row or column) counts as overlap."""
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering.
+
+def render(objects: list[dict], canvas: int = CANVAS) -> Image.Image:
+    """Draw objects (metadata dicts: colour, shape, bbox, rotation for polygons) on the gray canvas.
+
+    The recorded bbox is the drawn one, so re-rendering a metadata record is byte-identical.
+    ImageDraw does not antialias: every shape pixel is exactly its palette colour.
+    """
+    img = Image.new("RGB", (canvas, canvas), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        fill = COLOURS[obj["colour"]]
+        shape = obj["shape"]
+        x1, y1, x2, y2 = obj["bbox"]
+        if shape in ("rectangle", "square"):
+            draw.rectangle((x1, y1, x2, y2), fill=fill)
+        elif shape in ("ellipse", "circle"):
+            draw.ellipse((x1, y1, x2, y2), fill=fill)
+        elif shape in POLYGON_SIDES:
+            # recorded bbox = centre +/- r, so the centre and circumradius come back exactly
+            cx, cy, r = (x1 + x2) // 2, (y1 + y2) // 2, (x2 - x1) // 2
+            draw.regular_polygon((cx, cy, r), POLYGON_SIDES[shape], rotation=obj["rotation"], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {shape!r}")
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (spec: Shapes, Objects per image, Zero-shot hold-out).
+
+def _sample_pair(rng: random.Random, allow_holdout: bool) -> tuple[str, str]:
+    # Colour and shape uniform and independent; a held-out pair is rejected on its own (not the
+    # whole scene), so the 1-or-2 object count stays uniform in the training split too.
+    while True:
+        pair = (rng.choice(_COLOUR_NAMES), rng.choice(SHAPES))
+        if allow_holdout or pair not in HOLDOUT_PAIRS:
+            return pair
+
+
+def _sample_object(rng: random.Random, colour: str, shape: str) -> dict:
+    """One object with its drawn bbox. Box: x1 in [0, 128 - min_len), x2 in [x1 + min_len, 128)."""
+    x1 = rng.randint(0, CANVAS - MIN_LEN - 1)
+    x2 = rng.randint(x1 + MIN_LEN, CANVAS - 1)
+    y1 = rng.randint(0, CANVAS - MIN_LEN - 1)
+    y2 = rng.randint(y1 + MIN_LEN, CANVAS - 1)
+    w, h = x2 - x1, y2 - y1
+    rotation = None
+    if shape in ("square", "circle"):
+        side = min(w, h)  # anchored at (x1, y1)
+        bbox = [x1, y1, x1 + side, y1 + side]
+    elif shape in POLYGON_SIDES:
+        cx, cy, r = (x1 + x2) // 2, (y1 + y2) // 2, min(w, h) // 2
+        bbox = [cx - r, cy - r, cx + r, cy + r]  # lies inside the sampled box
+        rotation = rng.uniform(0, 360)
+    else:
+        bbox = [x1, y1, x2, y2]
+    obj = {"colour": colour, "shape": shape, "size": size_word(bbox), "position": position_word(bbox),
+           "bbox": bbox}
+    if rotation is not None:
+        obj["rotation"] = rotation
+    return obj
+
+
+def make_caption(objects: list[dict], rng: random.Random, with_position: bool) -> str:
+    """object := [determiner] [size] colour shape [" at the " position]; objects joined by " and ".
+
+    Two draws per object in a fixed order (determiner, then size drop) so captions are reproducible.
+    """
+    parts = []
+    for obj in objects:
+        use_the = rng.random() < P_THE
+        drop_size = rng.random() < P_DROP_SIZE
+        words = ([] if drop_size else [obj["size"]]) + [obj["colour"], obj["shape"]]
+        det = "the" if use_the else "an" if words[0][0] in "aeiou" else "a"
+        phrase = " ".join([det] + words)
+        if with_position:
+            phrase += f" at the {obj['position']}"
+        parts.append(phrase)
+    return " and ".join(parts)
+
+
+def sample_scene(rng: random.Random, variant: str, allow_holdout: bool, first=None) -> dict:
+    """A metadata record without "file": {"caption": str, "objects": [obj, ...]}.
+
+    variant: "objects" (1 or 2 objects, uniform, no position phrase) or "positions" (exactly 1
+    object, always a position phrase). first: optional (colour, shape) forced on the first object
+    (used to guarantee every hold-out pair in the test split).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
+    n = rng.choice((1, 2)) if variant == "objects" else 1
+    while True:  # resample the whole scene (same count) if the second object finds no room
+        objects = [_sample_object(rng, *(first or _sample_pair(rng, allow_holdout)))]
+        for _ in range(n - 1):
+            pair = _sample_pair(rng, allow_holdout)
+            for _ in range(PLACEMENT_RETRIES):
+                obj = _sample_object(rng, *pair)
+                if not any(boxes_overlap(obj["bbox"], o["bbox"]) for o in objects):
+                    objects.append(obj)
+                    break
+            else:
+                break
+        if len(objects) == n:
+            break
+    caption = make_caption(objects, rng, with_position=(variant == "positions"))
+    return {"caption": caption, "objects": objects}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a dataset (spec: On disk).
+
+def split_rng(seed: int, split: str) -> random.Random:
+    """One generator per split: train and test are independent, and each is reproducible.
+
+    Seeded with a string, which Python hashes with SHA-512 (not PYTHONHASHSEED-dependent).
+    """
+    return random.Random(f"shapes/{seed}/{split}")
+
+
+def _write_split(folder: Path, n: int, rng: random.Random, variant: str, allow_holdout: bool,
+                 forced: tuple, progress: bool) -> None:
+    """Write n images and metadata.jsonl into `folder` (a fresh, empty folder)."""
+    lines = []
+    for i in tqdm(range(n), desc=folder.name, unit="img", disable=not progress, mininterval=0.5):
+        first = forced[i] if i < len(forced) else None
+        scene = sample_scene(rng, variant, allow_holdout, first=first)
+        name = f"{i:06d}.png"
+        render(scene["objects"]).save(folder / name)
+        lines.append(json.dumps({"file": name, **scene}) + "\n")
+    with open(folder / "metadata.jsonl", "w") as f:
+        f.writelines(lines)
+
+
+def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 2000, seed: int = 0,
+             progress: bool = True) -> Path:
+    """Generate DIR/train and DIR/test. Same arguments give byte-identical files. Returns DIR.
+
+    Train never contains a hold-out pair; the first test scenes each carry one hold-out pair on
+    their first object, so every pair appears in test whenever n_test >= len(HOLDOUT_PAIRS).
+    Both splits are written into temporary sibling folders and renamed into place only once both
+    are complete, so a crash leaves any previous dataset untouched and no half-written split.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
+    if n_train < 0 or n_test < 0:
+        raise ValueError("n_train and n_test must be >= 0")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = {  # split: (size, may contain hold-out pairs, forced first objects)
+        "train": (n_train, False, ()),
+        "test": (n_test, True, _HOLDOUT_ORDER),
+    }
+    tmp = {split: out / f".{split}.tmp-{os.getpid()}" for split in SPLITS}
+    old = {split: out / f".{split}.old-{os.getpid()}" for split in SPLITS}
+    try:
+        for split, (n, allow_holdout, forced) in jobs.items():
+            shutil.rmtree(tmp[split], ignore_errors=True)
+            tmp[split].mkdir()
+            _write_split(tmp[split], n, split_rng(seed, split), variant, allow_holdout, forced, progress)
+        for split in SPLITS:  # replace an existing split only now that the new ones are complete
+            if (out / split).exists():
+                (out / split).rename(old[split])
+            tmp[split].rename(out / split)
+    finally:
+        for path in (*tmp.values(), *old.values()):
+            shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+def preview(dataset_dir, out_png, n: int = 16, image_size=None) -> Path:
+    """Write a captioned grid of the first n test images (resized to image_size if given, as the
+    models see them: Pillow antialiased resize)."""
+    # Imported here so that generating data never pulls in whatever the dalle2 package imports.
+    from dalle2.images import captioned_grid, save_image_atomic
+
+    split = Path(dataset_dir) / "test"
+    with open(split / "metadata.jsonl") as f:
+        records = [json.loads(line) for _, line in zip(range(n), f)]
+    if not records:
+        raise ValueError(f"{split / 'metadata.jsonl'} has no records")
+    images = []
+    for rec in records:
+        with Image.open(split / rec["file"]) as im:
+            im = im.convert("RGB")
+        if image_size:
+            im = im.resize((image_size, image_size), Image.LANCZOS)
+        images.append(im)
+    scale = max(1, round(CANVAS / images[0].width))  # tiles about 128 px whatever the resolution
+    cols = math.ceil(math.sqrt(len(images)))
+    grid = captioned_grid(images, [r["caption"] for r in records], cols=cols, scale=scale)
+    return save_image_atomic(grid, out_png)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (shared/SHAPES_SPEC.md).")
+    parser.add_argument("--variant", choices=VARIANTS, default="objects",
+                        help="objects: 1-2 objects per image; positions: 1 object, captions with position")
+    parser.add_argument("--out", required=True, help="output folder; gets train/ and test/")
+    parser.add_argument("--n-train", type=_count, default=20000, help="training images")
+    parser.add_argument("--n-test", type=_count, default=2000, help="test images")
+    parser.add_argument("--seed", type=int, default=0, help="same seed and arguments give identical files")
+    parser.add_argument("--preview", default=None, metavar="PATH.png",
+                        help="also write a captioned grid of the first 16 test images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.preview is not None and args.n_test == 0:
+        parser.error("--preview needs --n-test > 0")
+
+    try:
+        out = generate(args.out, args.variant, args.n_train, args.n_test, args.seed,
+                       progress=not args.no_progress)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the dataset to {args.out}: {e.strerror or e}")
+    print(f"wrote {args.n_train} train and {args.n_test} test images to {out}")
+    if args.preview is not None:
+        try:
+            path = preview(out, args.preview)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot write the preview {args.preview}: {getattr(e, 'strerror', None) or e}")
+        print(f"wrote preview {path}")
+
+
+if __name__ == "__main__":
+    main()
