@@ -318,15 +318,49 @@ def load_config(path: str | os.PathLike | None = None, preset: Optional[str] = N
         raise ConfigError(f"{source}: unknown preset '{preset}' (known: {', '.join(presets) or DEFAULT_PRESET})")
     merged = _merge(raw, presets.get(preset) or {}, "", f"{source} (preset {preset})")
     merged["preset"] = preset
-    _build(Config, merged, "", source)  # validate the file before applying overrides
-    for item in overrides or []:
+    cfg = apply_overrides(_build(Config, merged, "", source), overrides, source)
+    return check_consistency(cfg, source if not overrides else f"{source} with --set")
+
+
+def apply_overrides(cfg: Config, overrides: Optional[list[str]], source: str = "config") -> Config:
+    """A copy of `cfg` with `--set KEY=VALUE` overrides applied and validated."""
+    if not overrides:
+        return cfg
+    merged = cfg.to_dict()
+    for item in overrides:
         key, value = parse_override(item)
-        parts = _resolve_key(key, asdict(Config()), "--set")
+        parts = _resolve_key(key, merged, "--set")
         delta: Any = value
         for part in reversed(parts):
             delta = {part: delta}
         merged = _merge(merged, delta, "", "--set")
-    return _build(Config, merged, "", source if not overrides else f"{source} with --set")
+    return _build(Config, merged, "", f"{source} with --set")
+
+
+def check_consistency(cfg: Config, source: str) -> Config:
+    """Cross-field checks (sizes that must divide, resolutions that must exist), so a bad
+    combination fails at load time with the key named, not deep inside a model constructor."""
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{source}: {key}: {msg}")
+    size, c, d, p = cfg.data.image_size, cfg.clip.model, cfg.decoder.model, cfg.prior.model
+    need(size % c.patch_size == 0, "clip.model.patch_size", f"{c.patch_size} does not divide data.image_size {size}")
+    need(c.vision_width % c.vision_heads == 0, "clip.model.vision_heads", f"{c.vision_heads} does not divide vision_width {c.vision_width}")
+    need(c.text_width % c.text_heads == 0, "clip.model.text_heads", f"{c.text_heads} does not divide text_width {c.text_width}")
+    need(p.width % p.heads == 0, "prior.model.heads", f"{p.heads} does not divide width {p.width}")
+    need(d.text_width % d.text_heads == 0, "decoder.model.text_heads", f"{d.text_heads} does not divide text_width {d.text_width}")
+    levels = len(d.channel_mult)
+    need(size % 2 ** (levels - 1) == 0, "decoder.model.channel_mult",
+         f"{levels} resolutions need data.image_size divisible by {2 ** (levels - 1)}")
+    sides = [size // 2 ** i for i in range(levels)]
+    for r in d.attention_resolutions:
+        need(r in sides, "decoder.model.attention_resolutions",
+             f"{r} is never reached: the UNet's feature maps are {sides} for {size}px images")
+    for i, m in enumerate(d.channel_mult):
+        if sides[i] in d.attention_resolutions or i == levels - 1:  # the middle block always attends
+            need(d.channels * m % d.head_channels == 0, "decoder.model.head_channels",
+                 f"{d.head_channels} does not divide the attention width {d.channels * m}")
+    return cfg
 
 
 def config_from_dict(data: dict, source: str) -> Config:

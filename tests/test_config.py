@@ -95,3 +95,14 @@ def test_every_option_is_documented():
                 yield f"{prefix}{f.name}"
     for key in walk(Config(), ""):
         assert f"`{key}`" in table, key
+
+
+@pytest.mark.parametrize("override, key", [
+    ("decoder.model.attention_resolutions=[4]", "decoder.model.attention_resolutions"),
+    ("clip.model.patch_size=5", "clip.model.patch_size"),
+    ("prior.model.heads=7", "prior.model.heads"),
+    ("decoder.model.head_channels=48", "decoder.model.head_channels"),
+])
+def test_inconsistent_sizes_fail_at_load_time(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[override])

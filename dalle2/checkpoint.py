@@ -1,0 +1,108 @@
+"""Checkpoint files: one format for every stage, written atomically, read with weights_only=True.
+
+A checkpoint is a dict of plain types and tensors:
+    stage       "clip" | "prior" | "decoder"
+    format      format version of this dict
+    step        optimizer steps taken
+    config      the resolved Config as a dict (the model is rebuilt from it, never from tensor shapes)
+    tokenizer   Tokenizer.state_dict() (a model travels with its tokenizer)
+    model       the weights to use (EMA weights in final checkpoints when EMA is on)
+    extra       stage-specific plain data (e.g. the hash of the CLIP the prior was trained on)
+Resume checkpoints add: ema, optimizer, rng, raw_model (the non-EMA weights).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FORMAT = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or of the wrong kind; the message names the file."""
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary name in the same folder, then rename: a crash never leaves a
+    half-written checkpoint under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, stage: Optional[str] = None, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True (a checkpoint can never run code) and check its stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or another format: {reason[:120]})") from None
+    if not isinstance(ckpt, dict) or "stage" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not an Open DALL-E 2 checkpoint (no 'stage'/'model' entries)")
+    if ckpt.get("format", 0) > FORMAT:
+        raise CheckpointError(f"{path}: written by a newer version (format {ckpt['format']} > {FORMAT})")
+    if stage is not None and ckpt["stage"] != stage:
+        raise CheckpointError(f"{path}: is a '{ckpt['stage']}' checkpoint, expected a '{stage}' checkpoint")
+    return ckpt
+
+
+def file_hash(path: str | os.PathLike, length: int = 16) -> str:
+    """Short sha256 of a file's bytes: identifies which CLIP a cache or a later stage was built on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def state_hash(state_dict: dict, length: int = 16) -> str:
+    """Short sha256 of a state dict's tensors (name, shape, dtype and bytes), independent of the file."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:length]
+
+
+def model_from_checkpoint(path: str | os.PathLike, stage: str, build, map_location="cpu"):
+    """Rebuild a stage's model from its checkpoint alone: `build(config, tokenizer) -> nn.Module`,
+    then load the weights. The model gets `.config`, `.tokenizer`, `.step`, `.extra`,
+    `.checkpoint_hash` (of its weights: what later stages record to detect a mismatched CLIP) and
+    `.checkpoint_path` attributes."""
+    from .config import ConfigError, config_from_dict
+    from .tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(path, stage, map_location)
+    try:
+        cfg = config_from_dict(ckpt["config"], str(path))
+        tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+    except (ConfigError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: its saved config or tokenizer cannot be read ({e})") from None
+    model = build(cfg, tokenizer)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    model.config, model.tokenizer, model.step = cfg, tokenizer, int(ckpt.get("step", 0))
+    model.extra = dict(ckpt.get("extra") or {})
+    model.checkpoint_hash = state_hash(ckpt["model"])
+    model.checkpoint_path = str(path)
+    return model
