@@ -1,0 +1,367 @@
+"""The DALL-E 2 decoder: a GLIDE-style text- and CLIP-conditioned UNet, and the Decoder that pairs it
+with a diffusion process (Ramesh et al. 2022, section 2.1).
+
+Layout follows Nichol & Dhariwal (improved/guided diffusion): residual blocks whose GroupNorm is
+modulated by the timestep embedding (AdaGN), attention at chosen resolutions, strided-conv
+downsampling, nearest+conv upsampling and skip connections from every encoder block to the decoder.
+Conditioning follows GLIDE + unCLIP:
+- the CLIP image embedding is projected and added to the timestep embedding, and projected into
+  `clip_tokens` extra context tokens;
+- the caption is encoded by the decoder's own causal transformer; its tokens together with the CLIP
+  tokens are the context every attention block attends to (keys/values concatenated with the image
+  features'), and its EOS feature is also added to the timestep embedding;
+- for classifier-free guidance the CLIP embedding (10%) and the caption (50%) are dropped
+  INDEPENDENTLY during training and replaced by learned nulls.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle2.checkpoint import model_from_checkpoint
+from dalle2.layers import Attention, TimestepEmbedding, Transformer
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups: 32 (guided-diffusion) for wide layers, 4 channels per group for narrow ones."""
+    return max(1, min(32, channels // 4))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm, never BatchNorm: a row's output must not depend on the other rows of the batch
+    # (sampling batches mix guided / unguided rows and arbitrary batch sizes).
+    return nn.GroupNorm(norm_groups(channels), channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so the residual branch it ends starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block with AdaGN: h = norm(h) * (1 + scale) + shift, (scale, shift) from the timestep
+    embedding (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021, section 3)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (N, Cin, H, W); emb: (N, E) already SiLU'd. Returns (N, Cout, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x (N, Cout, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class ContextAttentionBlock(nn.Module):
+    """GLIDE attention block: every head attends over [image features ; projected context] together,
+    i.e. self-attention over the H*W positions whose keys/values also include the caption and CLIP
+    tokens (GLIDE section 2.3; padding keys masked). Zero-initialised output projection."""
+
+    def __init__(self, channels: int, head_channels: int, context_width: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.context_proj = nn.Linear(context_width, channels)
+        # Keys/values of image positions and of context tokens come from the same `kv` projection, which
+        # is why the context is first mapped to `channels` (GLIDE's separate encoder_kv, factorised).
+        self.attn = Attention(channels, channels // head_channels)
+        zero_module(self.attn.out)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W); context: (N, S, Wc); context_mask: (N, S) bool, True = real. Returns (N, C, H, W)."""
+        n, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C); a view when x is channels_last
+        kv_in = torch.cat([tokens, self.context_proj(context).to(tokens.dtype)], dim=1)  # (N, HW+S, C)
+        mask = torch.cat([context_mask.new_ones(n, h * w), context_mask], dim=1)  # (N, HW+S)
+        y = self.attn(tokens, context=kv_in, mask=mask)  # (N, HW, C)
+        return x + y.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # (N, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, C, 2H, 2W)
+
+
+class UNetStage(nn.Module):
+    """One UNet position: a ResBlock, optionally followed by context attention, optionally a resampler."""
+
+    def __init__(self, res: ResBlock, attn: Optional[ContextAttentionBlock] = None,
+                 resample: Optional[nn.Module] = None):
+        super().__init__()
+        self.res, self.attn, self.resample = res, attn, resample
+
+    def forward(self, x, emb, context, context_mask):
+        x = self.res(x, emb)
+        if self.attn is not None:  # fixed at construction: no data-dependent control flow
+            x = self.attn(x, context, context_mask)
+        if self.resample is not None:
+            x = self.resample(x)
+        return x
+
+
+class TextEncoder(nn.Module):
+    """The decoder's own caption encoder (GLIDE section 2.3): token + learned position embeddings, a
+    causal transformer with a padding mask, a final LayerNorm. Returns every token's feature (the
+    attention context) and the EOS token's feature (added to the timestep embedding)."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_final = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: (N, L) long, PAD = 0, L <= context_length.
+        Returns features (N, L, W) and mask (N, L) bool (True = real token)."""
+        L = tokens.shape[1]
+        # Position 0 (BOS) always counts as real so an all-PAD row cannot give an all-masked attention row (NaN).
+        mask = (tokens != 0) | (torch.arange(L, device=tokens.device) == 0)
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (N, L, W)
+        x = self.ln_final(self.transformer(x, mask=mask, causal=True))
+        return x, mask
+
+
+class UNet(nn.Module):
+    """GLIDE/unCLIP decoder UNet predicting a 3-channel target (eps or v: the diffusion's concern)."""
+
+    def __init__(self, *, image_size: int, embed_dim: int, vocab_size: int, context_length: int,
+                 channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (16, 8), head_channels: int = 64, dropout: float = 0.1,
+                 text_width: int = 256, text_layers: int = 4, text_heads: int = 4, clip_tokens: int = 4,
+                 clip_drop_prob: float = 0.1, text_drop_prob: float = 0.5):
+        """image_size: side of the square input; embed_dim: CLIP embedding width; vocab_size / context_length:
+        the caption tokenizer's; channels: base width, multiplied by channel_mult[i] at level i (each level
+        halves the resolution); num_res_blocks: ResBlocks per level; attention_resolutions: feature-map side
+        lengths with context attention; head_channels: channels per attention head; text_*: the decoder's
+        caption transformer; clip_tokens: context tokens projected from the CLIP embedding; *_drop_prob:
+        classifier-free-guidance dropout rates of the two conditions (unCLIP section 2.1)."""
+        super().__init__()
+        channel_mult, attention_resolutions = list(channel_mult), list(attention_resolutions)
+        self._validate(image_size, channels, channel_mult, num_res_blocks, attention_resolutions, head_channels,
+                       dropout, text_width, text_layers, text_heads, clip_tokens, clip_drop_prob, text_drop_prob,
+                       embed_dim, vocab_size, context_length)
+        self.image_size, self.embed_dim = image_size, embed_dim
+        self.context_length, self.clip_tokens, self.text_width = context_length, clip_tokens, text_width
+        self.clip_drop_prob, self.text_drop_prob = clip_drop_prob, text_drop_prob
+        emb_dim = 4 * channels
+
+        # --- conditioning (unCLIP 2.1): timestep + CLIP embedding + caption EOS -> one vector ---
+        self.time_embed = TimestepEmbedding(emb_dim)
+        self.clip_to_emb = nn.Linear(embed_dim, emb_dim)
+        self.clip_to_tokens = nn.Linear(embed_dim, clip_tokens * text_width)
+        self.text_encoder = TextEncoder(vocab_size, context_length, text_width, text_layers, text_heads)
+        self.text_to_emb = nn.Linear(text_width, emb_dim)
+        # Learned nulls for classifier-free guidance: a CLIP embedding (about unit norm, like real ones) and a
+        # full-length caption context with a full mask (its last token stands in for the EOS feature).
+        self.null_image_emb = nn.Parameter(torch.randn(embed_dim) * embed_dim ** -0.5)
+        self.null_text = nn.Parameter(torch.randn(context_length, text_width) * 0.02)
+
+        # --- UNet body (Nichol & Dhariwal layout) ---
+        def attn(ch: int, res: int) -> Optional[ContextAttentionBlock]:
+            return ContextAttentionBlock(ch, head_channels, text_width) if res in attention_resolutions else None
+
+        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_chs, ch, res = [channels], channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(UNetStage(ResBlock(ch, channels * mult, emb_dim, dropout), attn(channels * mult, res)))
+                ch = channels * mult
+                skip_chs.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skip_chs.append(ch)
+                res //= 2
+        self.middle = nn.ModuleList([
+            UNetStage(ResBlock(ch, ch, emb_dim, dropout), ContextAttentionBlock(ch, head_channels, text_width)),
+            UNetStage(ResBlock(ch, ch, emb_dim, dropout)),
+        ])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                out = channels * mult
+                upsample = Upsample(out) if level != 0 and i == num_res_blocks else None
+                self.up.append(UNetStage(ResBlock(ch + skip_chs.pop(), out, emb_dim, dropout), attn(out, res), upsample))
+                ch = out
+            if level != 0:
+                res *= 2
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, 3, 3, padding=1)))
+
+    @staticmethod
+    def _validate(image_size, channels, channel_mult, num_res_blocks, attention_resolutions, head_channels,
+                  dropout, text_width, text_layers, text_heads, clip_tokens, clip_drop_prob, text_drop_prob,
+                  embed_dim, vocab_size, context_length):
+        """Reject a bad config before building anything, naming the offending field."""
+        for name, v in [("image_size", image_size), ("channels", channels), ("num_res_blocks", num_res_blocks),
+                        ("head_channels", head_channels), ("text_width", text_width), ("text_layers", text_layers),
+                        ("text_heads", text_heads), ("clip_tokens", clip_tokens), ("embed_dim", embed_dim),
+                        ("vocab_size", vocab_size), ("context_length", context_length)]:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"decoder.model.{name} must be a positive int, got {v!r}")
+        if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
+            raise ValueError(f"decoder.model.channel_mult must be a non-empty list of positive ints, got {channel_mult}")
+        factor = 2 ** (len(channel_mult) - 1)
+        if image_size % factor:
+            raise ValueError(f"image_size {image_size} is not divisible by 2**(len(channel_mult)-1) = {factor}")
+        reached = [image_size // 2 ** i for i in range(len(channel_mult))]
+        for r in attention_resolutions:
+            if r not in reached:
+                raise ValueError(f"decoder.model.attention_resolutions: {r} is never reached; "
+                                 f"feature-map sizes are {reached} for image_size {image_size}")
+        for ch in sorted({channels * m for m in channel_mult}):
+            if ch % norm_groups(ch):
+                raise ValueError(f"width {ch} (channels * channel_mult) is not divisible by its "
+                                 f"{norm_groups(ch)} GroupNorm groups; use a multiple of 4 (of 32 above 128)")
+        attn_chs = {channels * m for m, r in zip(channel_mult, reached) if r in attention_resolutions}
+        attn_chs.add(channels * channel_mult[-1])  # the middle block always has attention
+        for ch in sorted(attn_chs):
+            if ch % head_channels:
+                raise ValueError(f"attention width {ch} is not divisible by head_channels {head_channels}")
+        if text_width % text_heads:
+            raise ValueError(f"decoder.model.text_width {text_width} is not divisible by text_heads {text_heads}")
+        for name, p in [("dropout", dropout), ("clip_drop_prob", clip_drop_prob), ("text_drop_prob", text_drop_prob)]:
+            if not 0.0 <= p <= 1.0 or (name == "dropout" and p == 1.0):
+                raise ValueError(f"decoder.model.{name} must be a probability (dropout < 1), got {p}")
+
+    def drop_masks(self, n: int, device=None, generator: Optional[torch.Generator] = None):
+        """Training-time classifier-free-guidance dropout, drawn independently for the two conditions
+        (the original unCLIP code tied them to one mask). Returns drop_clip (N,) bool, drop_text (N,) bool."""
+        u = torch.rand(2, n, device=device, generator=generator)  # (2, N)
+        return u[0] < self.clip_drop_prob, u[1] < self.text_drop_prob
+
+    def condition(self, image_emb: torch.Tensor, tokens: torch.Tensor, drop_clip: torch.Tensor,
+                  drop_text: torch.Tensor):
+        """Build the conditioning from the two (possibly dropped) conditions.
+        image_emb: (N, E); tokens: (N, L); drop_*: (N,) bool. Returns cond_emb (N, 4C), context (N, K+S, Wt),
+        context_mask (N, K+S) with K = clip_tokens, S = context_length."""
+        n, L = tokens.shape
+        if L > self.context_length:
+            raise ValueError(f"tokens have length {L} > context_length {self.context_length}")
+        image_emb = torch.where(drop_clip[:, None], self.null_image_emb.to(image_emb.dtype), image_emb)  # (N, E)
+
+        text, mask = self.text_encoder(tokens)  # (N, L, Wt), (N, L)
+        # Pad to context_length in feature space (masked), so the null caption always has the same length.
+        text = F.pad(text, (0, 0, 0, self.context_length - L))  # (N, S, Wt)
+        mask = F.pad(mask, (0, self.context_length - L), value=False)  # (N, S)
+        text = torch.where(drop_text[:, None, None], self.null_text.to(text.dtype), text)
+        mask = mask | drop_text[:, None]
+        eos = text[torch.arange(n, device=text.device), mask.sum(1) - 1]  # (N, Wt)
+
+        cond_emb = self.clip_to_emb(image_emb) + self.text_to_emb(eos)  # (N, 4C)
+        clip_ctx = self.clip_to_tokens(image_emb).view(n, self.clip_tokens, self.text_width)  # (N, K, Wt)
+        context = torch.cat([clip_ctx, text.to(clip_ctx.dtype)], dim=1)  # (N, K+S, Wt)
+        context_mask = torch.cat([mask.new_ones(n, self.clip_tokens), mask], dim=1)  # (N, K+S)
+        return cond_emb, context, context_mask
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, image_emb: torch.Tensor,
+                tokens: Optional[torch.Tensor], cond_drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t: (N, 3, H, W); t: (N,) long timesteps; image_emb: (N, E) unit-norm CLIP image embedding;
+        tokens: (N, L) long (PAD = 0), or None for "no caption" (the learned null caption: the image
+        manipulations of section 3 condition on the CLIP embedding alone); cond_drop: (N,) bool or
+        None, rows forced fully unconditional. Returns the model output (N, 3, H, W)."""
+        n = x_t.shape[0]
+        if self.training:
+            drop_clip, drop_text = self.drop_masks(n, x_t.device)
+        else:
+            drop_clip = drop_text = torch.zeros(n, dtype=torch.bool, device=x_t.device)
+        if cond_drop is not None:
+            drop_clip, drop_text = drop_clip | cond_drop, drop_text | cond_drop
+        if tokens is None:
+            tokens = torch.zeros(n, 2, dtype=torch.long, device=x_t.device)  # placeholder, replaced by the null
+            drop_text = torch.ones_like(drop_text)
+
+        cond_emb, context, context_mask = self.condition(image_emb, tokens, drop_clip, drop_text)
+        emb = F.silu(self.time_embed(t) + cond_emb)  # (N, 4C); SiLU once here, shared by every ResBlock
+
+        h = self.conv_in(x_t)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb, context, context_mask) if isinstance(stage, UNetStage) else stage(h)
+            skips.append(h)
+        for stage in self.middle:
+            h = stage(h, emb, context, context_mask)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)
+
+
+class Decoder(nn.Module):
+    """UNet + diffusion process; the decoder checkpoint stores the UNet weights and config."""
+
+    def __init__(self, unet: UNet, diffusion):
+        super().__init__()
+        self.unet = unet
+        # Plain attribute, never a registered submodule: the diffusion process holds no learned state.
+        object.__setattr__(self, "diffusion", diffusion)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu") -> "Decoder":
+        """The decoder saved at `path` (EMA weights), with .config, .tokenizer, .step, .extra."""
+        return model_from_checkpoint(path, "decoder", lambda cfg, tok: build_decoder(cfg, tok.vocab_size),
+                                     map_location)
+
+    def loss(self, images: torch.Tensor, image_emb: torch.Tensor, tokens: torch.Tensor,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """images: (N, 3, H, W) float in [-1, 1]; image_emb: (N, E); tokens: (N, L). Returns a scalar."""
+        losses = self.diffusion.training_loss(self.unet, images, model_kwargs=dict(image_emb=image_emb, tokens=tokens),
+                                              generator=generator)  # (N,)
+        return losses.mean()
+
+    @torch.no_grad()
+    def sample(self, image_emb: torch.Tensor, tokens: torch.Tensor, *, steps: int = 50, sampler: str = "ddim",
+               eta: float = 0.0, guidance_scale: float = 3.0, generator: Optional[torch.Generator] = None,
+               noise: Optional[torch.Tensor] = None, clip_x0: Optional[str] = "static",
+               progress: bool = False) -> torch.Tensor:
+        """image_emb: (N, E) CLIP image embeddings (e.g. from the prior); tokens: (N, L) captions.
+        guidance_scale: classifier-free guidance on both conditions at once (unconditional = both nulls).
+        Returns images (N, 3, H, W) float in [-1, 1]."""
+        s = self.unet.image_size
+        was_training = self.unet.training
+        self.unet.eval()  # no dropout and no random condition dropout while sampling
+        try:
+            x = self.diffusion.sample(self.unet, (image_emb.shape[0], 3, s, s), steps=steps, sampler=sampler, eta=eta,
+                                      model_kwargs=dict(image_emb=image_emb, tokens=tokens), generator=generator,
+                                      noise=noise, clip_x0=clip_x0, guidance_scale=guidance_scale, progress=progress)
+        finally:
+            self.unet.train(was_training)
+        return x.clamp(-1, 1)
+
+
+def build_decoder(cfg, vocab_size: int) -> Decoder:
+    """The decoder described by a full Config: image size from `cfg.data`, CLIP embedding size and
+    caption length from `cfg.clip.model`, the UNet from `cfg.decoder.model`, the process from
+    `cfg.decoder.diffusion`; vocab_size from the tokenizer."""
+    from dataclasses import asdict
+
+    from dalle2.diffusion import GaussianDiffusion
+    unet = UNet(image_size=cfg.data.image_size, embed_dim=cfg.clip.model.embed_dim, vocab_size=vocab_size,
+                context_length=cfg.clip.model.context_length, **asdict(cfg.decoder.model))
+    return Decoder(unet, GaussianDiffusion(**asdict(cfg.decoder.diffusion)))

@@ -1,0 +1,224 @@
+"""The decoder UNet (dalle2/decoder/unet.py): shapes, zero init, GroupNorm-only, CFG dropout, padding."""
+import pytest
+import torch
+import torch.nn as nn
+
+from dalle2.decoder import Decoder, UNet
+
+TINY = dict(embed_dim=16, vocab_size=50, context_length=16, channels=32, channel_mult=[1, 2], num_res_blocks=1,
+            attention_resolutions=[8], head_channels=16, text_width=32, text_layers=1, text_heads=2)
+
+
+def make_unet(image_size=16, **kw):
+    torch.manual_seed(0)
+    return UNet(image_size=image_size, **{**TINY, **kw})
+
+
+def perturb(model, scale=0.05):
+    """Move every parameter off its init (zero-initialised layers would hide everything downstream)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def inputs(n, image_size=16, seed=0, length=16, real=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, image_size, image_size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    emb = nn.functional.normalize(torch.randn(n, TINY["embed_dim"], generator=g), dim=-1)
+    tokens = torch.zeros(n, length, dtype=torch.long)
+    tokens[:, :real] = torch.randint(1, TINY["vocab_size"], (n, real), generator=g)
+    return x, t, emb, tokens
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: intra-op threads only add contention (30x slower on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model():
+    return perturb(make_unet()).eval()
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_output_shape(size):
+    m = make_unet(size, attention_resolutions=[size // 2]).eval()
+    x, t, emb, tok = inputs(2, size)
+    assert m(x, t, image_emb=emb, tokens=tok).shape == (2, 3, size, size)
+
+
+def test_no_batchnorm_and_groupnorm_present():
+    m = make_unet(16)
+    mods = list(m.modules())
+    assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in mods)
+    assert sum(isinstance(mod, nn.GroupNorm) for mod in mods) > 5
+
+
+def test_output_is_exactly_zero_at_init():
+    m = make_unet(16).train()
+    x, t, emb, tok = inputs(3)
+    assert torch.equal(m(x, t, image_emb=emb, tokens=tok), torch.zeros(3, 3, 16, 16))
+
+
+def test_drop_mask_rates_and_independence():
+    m = make_unet(16)
+    clip, text = m.drop_masks(20000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert clip.dtype == torch.bool and clip.shape == (20000,)
+    assert abs(clip.float().mean() - 0.1) < 0.01
+    assert abs(text.float().mean() - 0.5) < 0.015
+    assert abs((clip & text).float().mean() - 0.05) < 0.008  # independent: joint = product
+    assert not torch.equal(clip, text)
+
+
+def test_forward_uses_independent_drop_masks(monkeypatch):
+    """Training forward: a CLIP-only drop uses the learned null embedding but keeps the caption."""
+    m = perturb(make_unet(16, dropout=0.0))
+    x, t, emb, tok = inputs(4)
+    x2, t2, emb2, tok2 = inputs(4, seed=1)
+    m.eval()
+    with torch.no_grad():
+        expected = m(x, t, image_emb=m.null_image_emb.expand(4, -1), tokens=tok)
+        m.train()
+        monkeypatch.setattr(m, "drop_masks", lambda n, device, generator=None: (torch.ones(n, dtype=torch.bool),
+                                                                                 torch.zeros(n, dtype=torch.bool)))
+        got = m(x, t, image_emb=emb, tokens=tok)
+        got_other_caption = m(x, t, image_emb=emb, tokens=tok2)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, got_other_caption)  # the caption still matters when only CLIP is dropped
+    # caption-only drop: output no longer depends on tokens, still on the CLIP embedding
+    monkeypatch.setattr(m, "drop_masks", lambda n, device, generator=None: (torch.zeros(n, dtype=torch.bool),
+                                                                             torch.ones(n, dtype=torch.bool)))
+    with torch.no_grad():
+        a = m(x, t, image_emb=emb, tokens=tok)
+        b = m(x, t, image_emb=emb, tokens=tok2)
+        c = m(x, t, image_emb=emb2, tokens=tok)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_cond_drop_rows_ignore_conditions(model):
+    x, t, emb, tok = inputs(4)
+    _, _, emb2, tok2 = inputs(4, seed=1, real=9)
+    drop = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        a = model(x, t, image_emb=emb, tokens=tok, cond_drop=drop)
+        b = model(x, t, image_emb=emb2, tokens=tok2, cond_drop=drop)
+    torch.testing.assert_close(a[drop], b[drop])
+    assert not torch.allclose(a[~drop], b[~drop], atol=1e-4)
+
+
+def test_conditions_matter(model):
+    x, t, emb, tok = inputs(2)
+    _, _, emb2, tok2 = inputs(2, seed=1)
+    with torch.no_grad():
+        base = model(x, t, image_emb=emb, tokens=tok)
+        assert not torch.allclose(base, model(x, t, image_emb=emb2, tokens=tok), atol=1e-4)
+        assert not torch.allclose(base, model(x, t, image_emb=emb, tokens=tok2), atol=1e-4)
+        assert not torch.allclose(base, model(x, t.flip(0) + 1, image_emb=emb, tokens=tok), atol=1e-4)
+
+
+def test_eval_deterministic_train_stochastic(model):
+    x, t, emb, tok = inputs(4)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, image_emb=emb, tokens=tok), model(x, t, image_emb=emb, tokens=tok))
+        model.train()
+        assert not torch.equal(model(x, t, image_emb=emb, tokens=tok), model(x, t, image_emb=emb, tokens=tok))
+
+
+def test_batch_independence(model):
+    x, t, emb, tok = inputs(4)
+    with torch.no_grad():
+        full = model(x, t, image_emb=emb, tokens=tok)
+        one = model(x[2:3], t[2:3], image_emb=emb[2:3], tokens=tok[2:3])
+    torch.testing.assert_close(one, full[2:3], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_invariance(model):
+    x, t, emb, tok = inputs(2, length=16, real=5)
+    with torch.no_grad():
+        full = model(x, t, image_emb=emb, tokens=tok)
+        short = model(x, t, image_emb=emb, tokens=tok[:, :8])  # same caption, fewer trailing pads
+        torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
+        # PAD positions' features (here: their position embeddings) must be masked out everywhere
+        pos = model.text_encoder.positional_embedding
+        pos[5:] += torch.randn(pos[5:].shape)
+        torch.testing.assert_close(model(x, t, image_emb=emb, tokens=tok), full, atol=1e-5, rtol=1e-4)
+        pos[:5] += torch.randn(pos[:5].shape)  # real positions do matter
+        assert not torch.allclose(model(x, t, image_emb=emb, tokens=tok), full, atol=1e-4)
+
+
+def test_autocast_bfloat16(model):
+    x, t, emb, tok = inputs(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x.to(memory_format=torch.channels_last), t, image_emb=emb, tokens=tok)
+    assert y.shape == (2, 3, 16, 16) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("bad", [
+    dict(image_size=18),                           # not divisible by 2**(len(channel_mult)-1)
+    dict(attention_resolutions=[4]),               # 16px with 2 levels reaches 16 and 8 only
+    dict(channels=30),                             # not divisible by its GroupNorm groups
+    dict(head_channels=24),                        # attention width 64 not divisible
+    dict(text_heads=3),                            # text_width 32 not divisible
+    dict(clip_drop_prob=1.5),
+    dict(channel_mult=[]),
+])
+def test_config_errors(bad):
+    kw = dict(TINY, image_size=16)
+    kw.update(bad)
+    with pytest.raises(ValueError):
+        UNet(**kw)
+
+
+def test_tokens_longer_than_context_raise(model):
+    x, t, emb, _ = inputs(1)
+    with pytest.raises(ValueError):
+        model(x, t, image_emb=emb, tokens=torch.ones(1, 17, dtype=torch.long))
+
+
+# ---------------- with the real diffusion process ----------------
+
+def make_decoder(image_size=8):
+    # 8px keeps these CPU trainings/samplings to a few seconds
+    diffusion = pytest.importorskip("dalle2.diffusion")
+    return Decoder(make_unet(image_size, dropout=0.0, attention_resolutions=[4]), diffusion.GaussianDiffusion())
+
+
+def test_decoder_has_only_unet_state():
+    dec = make_decoder()
+    assert all(k.startswith("unet.") for k in dec.state_dict())
+
+
+def test_decoder_loss_falls():
+    dec = make_decoder()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    _, _, emb, tok = inputs(4)
+    opt = torch.optim.Adam(dec.parameters(), lr=2e-3)
+    losses = []
+    for step in range(30):
+        loss = dec.loss(images, emb, tok, generator=torch.Generator().manual_seed(step % 3))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_decoder_sample_shape_range_determinism():
+    dec = make_decoder()
+    perturb(dec.unet).train()  # sample() must switch to eval itself and restore the mode
+    _, _, emb, tok = inputs(2)
+    a = dec.sample(emb, tok, steps=4, generator=torch.Generator().manual_seed(0))
+    b = dec.sample(emb, tok, steps=4, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 8, 8)
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert dec.unet.training
