@@ -1,0 +1,569 @@
+"""In-memory captioned image datasets: decode once, then sample batches by pure tensor indexing.
+
+Every stage (CLIP, prior, decoder) trains on a `CaptionedImages`: all images as one uint8 tensor
+(N, 3, H, W), every caption as an index into one table of unique strings. A batch is
+`data.sample(idx, generator, flip)`: a gather, an optional horizontal flip and a caption pick, with
+no Python loop over rows and no DataLoader workers, so data is never the bottleneck on small
+datasets (the anti-pattern this replaces is per-sample decoding in `Dataset.__getitem__`).
+
+Sources (`load_dataset(cfg, split)` dispatches on `cfg.dataset`):
+- "shapes": the synthetic dataset of shared/SHAPES_SPEC.md, generated on first use if missing.
+- "cifar10": the python-format CIFAR-10 folder, captions from templates (data/cifar.py).
+- "folder": your own images plus a captions file (CSV or JSONL).
+Decoded, resized images are cached as .npy next to the data; a stale cache is rebuilt.
+
+Batches for training come from `StepBatches`, a pure function of the step: resuming at step s
+replays exactly the batches an uninterrupted run would have seen, on any number of ranks.
+
+Horizontal flips swap the words "left" and "right" in the caption, so flipped pairs stay true
+(an unflipped "a red circle at the top left" mirrored is a red circle at the top right).
+"""
+
+import csv
+import hashlib
+import json
+import os
+import re
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+SPLITS = ("train", "test")
+DATASETS = ("shapes", "cifar10", "folder")
+CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
+
+
+class DatasetError(Exception):
+    """Any problem with the data on disk: missing files, bad records, unreadable images."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions and the flip rule.
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def _swap_word(match: re.Match) -> str:
+    word = match.group(0)
+    new = "right" if word.lower() == "left" else "left"
+    if word.isupper():
+        return new.upper()
+    if word[0].isupper():
+        return new.capitalize()
+    return new
+
+
+def flip_caption(text: str) -> str:
+    """The caption that is true of the horizontally mirrored image: "left" <-> "right".
+
+    Whole words only ("leftover" is kept), case preserved ("Left" -> "Right", "LEFT" -> "RIGHT").
+    Captions without those words are their own flip. Flipping twice gives the original back.
+    """
+    return _LEFT_RIGHT.sub(_swap_word, text)
+
+
+def build_caption_table(variants: Sequence[Sequence[str]]):
+    """Turn per-image caption lists into one table of unique strings plus index tensors.
+
+    variants: for each image, its caption variants (>= 1; duplicates within an image are dropped).
+    Returns (captions, caption_ids (N, K), num_captions (N,), flip_ids (len(captions),)).
+    The table also holds the flipped version of every caption, so a flip is one lookup in flip_ids.
+    Rows with fewer than K variants repeat theirs cyclically, so any column is a real variant.
+    """
+    index: dict[str, int] = {}
+    rows = []
+    for vs in variants:
+        row = list(dict.fromkeys(index.setdefault(c, len(index)) for c in vs))
+        if not row:
+            raise ValueError("every image needs at least one caption")
+        rows.append(row)
+    for c in list(index):
+        index.setdefault(flip_caption(c), len(index))
+    captions = list(index)
+    flip_ids = torch.tensor([index[flip_caption(c)] for c in captions], dtype=torch.long)
+    k = max((len(r) for r in rows), default=1)
+    caption_ids = torch.tensor([[r[j % len(r)] for j in range(k)] for r in rows], dtype=torch.long)
+    caption_ids = caption_ids.view(len(rows), k)  # (N, K), also when N == 0
+    num_captions = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    return captions, caption_ids, num_captions, flip_ids
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) in [0, 255] -> float (N, 3, H, W) in [-1, 1], the models' range."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset container.
+
+@dataclass
+class CaptionedImages:
+    """A whole split in memory. Tensors may live on the GPU (`.to(device)`); images stay uint8.
+
+    images: (N, 3, H, W) uint8. captions: unique caption strings (originals and their flips).
+    caption_ids: (N, K) long, each image's K variants as indices into `captions`.
+    num_captions: (N,) long, how many of the K variants are real (>= 1).
+    flip_ids: (len(captions),) long, the caption that is true after a horizontal flip.
+    metadata: shapes' metadata.jsonl records (they describe the unflipped image), else None.
+    labels: (N,) long class ids and class_names (CIFAR-10, for zero-shot classification), else None.
+    """
+    images: torch.Tensor
+    captions: list
+    caption_ids: torch.Tensor
+    num_captions: torch.Tensor
+    flip_ids: torch.Tensor
+    metadata: Optional[list] = None
+    name: str = ""
+    labels: Optional[torch.Tensor] = None
+    class_names: Optional[list] = None
+
+    def __post_init__(self):
+        n = self.images.shape[0]
+        if self.images.dim() != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.caption_ids.dim() != 2 or self.caption_ids.shape[0] != n or self.num_captions.shape != (n,):
+            raise ValueError("caption_ids must be (N, K) and num_captions (N,) for N images")
+        if self.flip_ids.shape != (len(self.captions),):
+            raise ValueError("flip_ids must have one entry per caption")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def to(self, device) -> "CaptionedImages":
+        """A copy with every tensor on `device` (images stay uint8: 4x less memory than float)."""
+        moved = {f: getattr(self, f).to(device) for f in
+                 ("images", "caption_ids", "num_captions", "flip_ids")}
+        if self.labels is not None:
+            moved["labels"] = self.labels.to(device)
+        return replace(self, **moved)
+
+    def sample(self, idx: torch.Tensor, generator: torch.Generator, flip: bool):
+        """Gather a batch, flip half of it at random, and pick a random real caption variant per row.
+
+        idx: (B,) long image indices (any device). generator: a CPU generator, the only randomness.
+        Returns images (B, 3, H, W) uint8, caption ids (B,) long and flipped (B,) bool, all on the
+        images' device. A flipped row's image is mirrored left-right and its caption replaced by
+        its flip (left <-> right), so image and caption still agree.
+        """
+        device = self.images.device
+        idx = idx.to(device)
+        b = idx.shape[0]
+        # Draw on the CPU generator, in a fixed order, so results do not depend on the device.
+        u = torch.rand(b, generator=generator)
+        flipped = torch.rand(b, generator=generator) < 0.5
+        if not flip:
+            flipped.zero_()
+        rows = flipped.nonzero().squeeze(1).to(device)  # found on the CPU: no GPU sync
+        u, flipped = u.to(device), flipped.to(device)
+
+        num = self.num_captions.index_select(0, idx)  # (B,)
+        variant = torch.minimum((u * num).long(), num - 1)  # uniform over the real variants only
+        cap = self.caption_ids.index_select(0, idx).gather(1, variant[:, None]).squeeze(1)  # (B,)
+        cap = torch.where(flipped, self.flip_ids[cap], cap)
+        # index_select copies whole rows (memcpy), far faster than advanced indexing of uint8;
+        # only the flipped rows are mirrored, in place.
+        images = self.images.index_select(0, idx)  # (B, 3, H, W)
+        if rows.numel():
+            images.index_copy_(0, rows, images.index_select(0, rows).flip(-1))
+        return images, cap, flipped
+
+    def caption_of(self, i: int) -> str:
+        """The first caption variant of image i."""
+        return self.captions[int(self.caption_ids[i, 0])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding images, once, with a disk cache.
+
+def square_resize(im: Image.Image, size: int) -> np.ndarray:
+    """PIL RGB image -> (size, size, 3) uint8: centre-cropped to a square, then resized with
+    Pillow's antialiased LANCZOS filter (as SHAPES_SPEC.md prescribes)."""
+    w, h = im.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.LANCZOS)
+    return np.asarray(im)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Read one image file (any format Pillow reads) -> (size, size, 3) uint8, see square_resize."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # forces the full decode inside the try
+    except FileNotFoundError:
+        raise DatasetError(f"image file not found: {path}") from None
+    except Exception as e:  # Pillow raises several types for truncated / foreign files
+        raise DatasetError(f"cannot read image file {path}: {e}") from e
+    return square_resize(im, size)
+
+
+PARALLEL_MIN = 2048  # below this many files, starting worker processes costs more than it saves
+
+
+def _fill(n: int, size: int, make: Callable[[int], np.ndarray], desc: str, progress: bool) -> np.ndarray:
+    """Build (N, 3, size, size) uint8 from make(i) -> (size, size, 3), with a progress bar."""
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in tqdm(range(n), desc=desc, unit="img", disable=not progress, mininterval=0.5):
+        out[i] = make(i)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # (N, 3, H, W)
+
+
+def _decode_chunk(paths: list, size: int) -> np.ndarray:
+    """Worker: decode a run of files -> (n, size, size, 3) uint8."""
+    return np.stack([load_image(Path(p), size) for p in paths])
+
+
+def decode_images(paths: Sequence[Path], size: int, desc: str, progress: bool = True) -> np.ndarray:
+    """Decode and resize image files -> (N, 3, size, size) uint8, in file order.
+
+    Many files are decoded by forked worker processes (like a DataLoader's), in chunks: threads do
+    not help, the decode + resize holds the GIL for most of its time. Elsewhere (no fork, one core,
+    few files) the files are decoded here, one by one.
+    """
+    n = len(paths)
+    workers = min(os.cpu_count() or 1, 32)
+    if n < PARALLEL_MIN or workers < 2 or "fork" not in mp.get_all_start_methods():
+        return _fill(n, size, lambda i: load_image(paths[i], size), desc, progress)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    step = max(32, -(-n // (workers * 8)))  # ~8 chunks per worker: even load, frequent progress
+    starts = range(0, n, step)
+    chunks = [[str(p) for p in paths[s:s + step]] for s in starts]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool, \
+            tqdm(total=n, desc=desc, unit="img", disable=not progress, mininterval=0.5) as bar:
+        for s, arr in zip(starts, pool.map(_decode_chunk, chunks, [size] * len(chunks))):
+            out[s:s + len(arr)] = arr
+            bar.update(len(arr))
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # (N, 3, H, W)
+
+
+def resize_images(images: np.ndarray, size: int, desc: str, progress: bool = True) -> np.ndarray:
+    """Resize a uint8 (N, 3, h, w) array -> (N, 3, size, size) with the same Pillow path as files."""
+    def make(i):
+        return square_resize(Image.fromarray(np.ascontiguousarray(images[i].transpose(1, 2, 0))), size)
+    return _fill(len(images), size, make, desc, progress)
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary sibling, then os.replace: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cached_images(cache_file: Path, key: dict, shape: tuple, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """Load a decoded uint8 array from `cache_file` if its key file matches `key`, else build and
+    save it. A stale, unreadable or wrongly shaped cache is rebuilt, never used. A read-only data
+    folder only costs the cache (a note is printed)."""
+    key = {"version": CACHE_VERSION, **key}
+    key_file = cache_file.with_name(cache_file.stem + ".key.json")
+    try:
+        if json.loads(key_file.read_text()) == key:
+            arr = np.load(cache_file)
+            if arr.shape == tuple(shape) and arr.dtype == np.uint8:
+                return arr
+    except (OSError, ValueError, EOFError):
+        pass  # no cache, or a damaged one: rebuild
+    arr = build()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Array first, key second: a key only ever describes an array that is already complete.
+        _atomic_write(cache_file, lambda f: np.save(f, arr))
+        _atomic_write(key_file, lambda f: f.write(json.dumps(key, sort_keys=True).encode()))
+    except OSError as e:
+        print(f"note: could not write the image cache {cache_file}: {e}")
+    return arr
+
+
+def file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes (shared/SHAPES_SPEC.md): DIR/<split>/metadata.jsonl + PNGs.
+
+def read_metadata(path: Path) -> list:
+    """Read a shapes metadata.jsonl: one JSON object per line with at least "file" and "caption"."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from e
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) \
+                or not isinstance(rec.get("caption"), str) or not rec["caption"].strip():
+            raise DatasetError(f"{path}, line {lineno}: expected an object with a \"file\" and a "
+                               f"non-empty \"caption\" string")
+        records.append(rec)
+    return records
+
+
+def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects", n_train: int = 20000,
+                n_test: int = 2000, seed: int = 0, generate_missing: bool = True,
+                progress: bool = True) -> CaptionedImages:
+    """Load root/<split> of the shapes dataset, generating the dataset first if it is missing.
+
+    Files already on disk are used as they are (the generation arguments only matter when the
+    dataset is generated); delete the folder to regenerate with other arguments.
+    """
+    root = Path(root)
+    split_dir = root / split
+    meta = split_dir / "metadata.jsonl"
+    if not meta.exists():
+        if not generate_missing:
+            raise DatasetError(f"shapes dataset not found: {meta} does not exist (generate it with "
+                               f"`python data/shapes.py --out {root}`)")
+        print(f"shapes dataset not found at {root}: generating it ({n_train} train / {n_test} test, "
+              f"variant {variant}, seed {seed})")
+        from .shapes import generate  # lazy: only needed on first use
+        generate(root, variant=variant, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
+        if not meta.exists():
+            raise DatasetError(f"generating the shapes dataset did not create {meta}")
+
+    records = read_metadata(meta)
+    if not records:
+        raise DatasetError(f"{meta} has no records: the {split} split is empty")
+    # One directory listing instead of 20k stat calls: it checks every listed PNG exists (naming a
+    # missing one before any decoding starts) and counts the files for the cache key.
+    present = {e.name for e in os.scandir(split_dir) if e.is_file()}
+    for r in records:
+        if r["file"] not in present and not (split_dir / r["file"]).is_file():
+            raise DatasetError(f"image file not found: {split_dir / r['file']} (listed in {meta})")
+    n_png = sum(1 for name in present if name.endswith(".png"))
+    paths = [split_dir / r["file"] for r in records]
+    expected = n_train if split == "train" else n_test
+    if progress and len(records) != expected:
+        print(f"note: {split_dir} has {len(records)} images (config asks for {expected}); "
+              f"using the files on disk")
+
+    key = {"n_files": n_png, "n_records": len(records), "metadata": file_stamp(meta), "image_size": image_size}
+    images = cached_images(split_dir / ".cache" / f"images_{image_size}.npy", key,
+                           (len(records), 3, image_size, image_size),
+                           lambda: decode_images(paths, image_size, f"decoding {split_dir}", progress))
+    captions, caption_ids, num_captions, flip_ids = build_caption_table([[r["caption"]] for r in records])
+    return CaptionedImages(torch.from_numpy(images), captions, caption_ids, num_captions, flip_ids,
+                           metadata=records, name=f"shapes/{variant}/{split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# folder: your own images and a captions file (CSV or JSONL).
+
+def read_captions_file(path: Path) -> list:
+    """-> [(line number, image, caption, split or None)] from a CSV (header with image,caption[,split])
+    or a JSONL file (keys "image" or "file", "caption", optional "split")."""
+    if not path.is_file():
+        raise DatasetError(f"captions file not found: {path} (set data.captions_file, a CSV with "
+                           f"columns image,caption or a JSONL with keys image,caption)")
+    rows = []
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                fields = [c.strip() for c in (reader.fieldnames or [])]
+                if "image" not in fields or "caption" not in fields:
+                    raise DatasetError(f"{path}, line 1: the CSV header must contain the columns "
+                                       f"image and caption, got {fields}")
+                reader.fieldnames = fields
+                for row in reader:
+                    rows.append((reader.line_num, row.get("image"), row.get("caption"), row.get("split")))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DatasetError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+                    if not isinstance(rec, dict):
+                        raise DatasetError(f"{path}, line {lineno}: expected a JSON object")
+                    rows.append((lineno, rec.get("image", rec.get("file")), rec.get("caption"), rec.get("split")))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"cannot read captions file {path}: {e}") from e
+    if not rows:
+        raise DatasetError(f"{path}, line 1: the captions file has no rows")
+    for lineno, image, caption, _ in rows:
+        if not isinstance(image, str) or not image.strip():
+            raise DatasetError(f"{path}, line {lineno}: missing image path")
+        if not isinstance(caption, str) or not caption.strip():
+            raise DatasetError(f"{path}, line {lineno}: empty caption for {image}")
+    return rows
+
+
+def folder_split(rows: list, captions_path: Path, seed: int) -> dict:
+    """-> {image: (split, [captions])}, images in order of first appearance. Uses the split
+    column where it exists; otherwise a seeded 5% of the images (at least 1) become the test set."""
+    images: dict = {}
+    has_split = any(s is not None and str(s).strip() for _, _, _, s in rows)
+    for lineno, image, caption, split in rows:
+        image = image.strip()
+        if has_split:
+            split = str(split or "").strip().lower()
+            if split not in SPLITS:
+                raise DatasetError(f"{captions_path}, line {lineno}: split must be train or test, got {split!r}")
+        entry = images.setdefault(image, [split, []])
+        if has_split and entry[0] != split:
+            raise DatasetError(f"{captions_path}, line {lineno}: {image} is in both {entry[0]} and {split}")
+        entry[1].append(caption.strip())
+    if not has_split:
+        n = len(images)
+        if n < 2:
+            raise DatasetError(f"{captions_path}: needs at least 2 images to hold one out for test "
+                               f"(or add a split column)")
+        g = torch.Generator().manual_seed(seed)
+        test = set(torch.randperm(n, generator=g)[:max(1, round(0.05 * n))].tolist())
+        for i, entry in enumerate(images.values()):
+            entry[0] = "test" if i in test else "train"
+    return images
+
+
+def load_folder(root, split: str, image_size: int = 32, captions_file: str = "captions.jsonl",
+                seed: int = 0, progress: bool = True) -> CaptionedImages:
+    """Load a folder of images (any Pillow-readable format and size) with a captions file.
+
+    Several rows for the same image become its caption variants. Image paths are relative to root.
+    """
+    root = Path(root)
+    cap_path = root / captions_file
+    images = folder_split(read_captions_file(cap_path), cap_path, seed)
+    chosen = [(img, caps) for img, (s, caps) in images.items() if s == split]
+    if not chosen:
+        raise DatasetError(f"{cap_path}: no images in the {split} split")
+    paths = [root / img for img, _ in chosen]
+    digest = hashlib.sha1()
+    for p in paths:  # also names a missing image before any decoding starts
+        try:
+            st = p.stat()
+        except OSError:
+            raise DatasetError(f"image file not found: {p} (listed in {cap_path})") from None
+        digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    key = {"files": digest.hexdigest(), "n": len(paths), "image_size": image_size}
+    arr = cached_images(root / ".cache" / f"{split}_{image_size}.npy", key,
+                        (len(paths), 3, image_size, image_size),
+                        lambda: decode_images(paths, image_size, f"decoding {root} ({split})", progress))
+    captions, caption_ids, num_captions, flip_ids = build_caption_table([caps for _, caps in chosen])
+    return CaptionedImages(torch.from_numpy(arr), captions, caption_ids, num_captions, flip_ids,
+                           name=f"folder/{root.name}/{split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point used by every stage.
+
+def load_dataset(cfg, split: str, generate_missing: bool = True, progress: bool = True) -> CaptionedImages:
+    """Load one split as a CaptionedImages, from a DataConfig-like object.
+
+    cfg attributes: dataset ("shapes" | "cifar10" | "folder"), root (relative to the working
+    directory), image_size, seed; shapes: variant, n_train, n_test (used only to generate a
+    missing dataset); folder: captions_file (relative to root); cifar10: download.
+    n_train / n_test do not subset CIFAR-10 or folders: the whole split is loaded.
+    cfg.flip is the trainer's concern (it is passed to `sample`), not read here.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}, expected one of {SPLITS}")
+    size = int(cfg.image_size)
+    if size < 1:
+        raise DatasetError(f"image_size must be positive, got {size}")
+    root = Path(cfg.root)
+    kind = cfg.dataset
+    if kind == "shapes":
+        return load_shapes(root, split, size, variant=getattr(cfg, "variant", "objects"),
+                           n_train=getattr(cfg, "n_train", 20000), n_test=getattr(cfg, "n_test", 2000),
+                           seed=getattr(cfg, "seed", 0), generate_missing=generate_missing, progress=progress)
+    if kind == "cifar10":
+        from .cifar import load_cifar10  # lazy: cifar.py imports this module
+        return load_cifar10(root, split, size, download=getattr(cfg, "download", False), progress=progress)
+    if kind == "folder":
+        return load_folder(root, split, size, captions_file=getattr(cfg, "captions_file", "captions.jsonl"),
+                           seed=getattr(cfg, "seed", 0), progress=progress)
+    raise DatasetError(f"unknown dataset {kind!r}, expected one of {DATASETS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic batches for exact resume and DDP.
+
+def _mix(*parts) -> int:
+    """A stable 63-bit seed from a few values (Python's hash() is salted for strings)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class StepBatches:
+    """The batch of every step as a pure function of the step.
+
+    The data is an endless stream of epoch permutations (epoch e shuffled by a generator seeded
+    from (seed, e)); the global batch at `step` is stream positions [step*B, (step+1)*B), and rank r
+    of world_size gets its contiguous slice of B // world_size. No state: resuming at step s gives
+    exactly the batches of an uninterrupted run. A batch that straddles an epoch boundary takes
+    the end of one permutation and the start of the next (it may repeat an image).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if n < 1:
+            raise ValueError(f"StepBatches needs a non-empty dataset, got n={n}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
+        self._perms: dict = {}  # a small cache of recent permutations; results never depend on it
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of epoch `epoch`: a permutation of range(n), (n,) long."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(_mix("epoch", self.seed, epoch))
+            perm = torch.randperm(self.n, generator=g)
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = perm
+        return perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        """This rank's image indices for `step`: (batch_size // world_size,) long, on the CPU."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        b = self.local_batch_size
+        start = step * self.batch_size + self.rank * b
+        pos = torch.arange(start, start + b)
+        epochs, offsets = pos // self.n, pos % self.n
+        out = torch.empty(b, dtype=torch.long)
+        for e in range(int(epochs[0]), int(epochs[-1]) + 1):
+            sel = epochs == e
+            out[sel] = self.permutation(e)[offsets[sel]]
+        return out
+
+    def epoch(self, step: int) -> float:
+        """How many passes over the data the global batches before `step` make."""
+        return step * self.batch_size / self.n
+
+    def generator(self, step: int) -> torch.Generator:
+        """A CPU generator for this step's augmentation randomness (flips, caption variants),
+        seeded from (seed, step, rank): reproducible on resume, different on each rank."""
+        return torch.Generator().manual_seed(_mix("step", self.seed, step, self.rank))
