@@ -6,3 +6,32 @@ import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+
+
+def tiny_overrides(root, n_train: int = 64, n_test: int = 16, steps: int = 6) -> list:
+    """`--set` arguments for an even smaller run than the tiny preset: a few dozen images, a few steps."""
+    sets = [f"data.root={root}", f"data.n_train={n_train}", f"data.n_test={n_test}"]
+    for stage, bs in (("clip", 16), ("prior", 16), ("decoder", 8)):
+        sets += [f"{stage}.train.steps={steps}", f"{stage}.train.batch_size={bs}", f"{stage}.train.warmup_steps=2",
+                 f"{stage}.train.log_every=1", f"{stage}.train.save_every=3"]
+    sets += ["sampling.steps=4", "sampling.prior_steps=4", "prior.diffusion.timesteps=50",
+             "decoder.diffusion.timesteps=50", "decoder.model.channels=16", "decoder.model.head_channels=16",
+             "decoder.model.text_width=32", "clip.model.embed_dim=32", "clip.model.vision_width=32",
+             "clip.model.text_width=32", "prior.model.width=32"]
+    return [x for s in sets for x in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A complete tiny run folder (clip.pt, prior.pt, decoder.pt), trained once per test session.
+    Returns (run_dir, argv prefix with --preset tiny and the overrides)."""
+    from clip.train import main as train_clip
+    from dalle2.train_decoder import main as train_decoder
+    from dalle2.train_prior import main as train_prior
+    base = tmp_path_factory.mktemp("tiny_run")
+    argv = ["--preset", "tiny", "--quiet", "--out", str(base / "run"), *tiny_overrides(base / "shapes")]
+    for train in (train_clip, train_prior, train_decoder):
+        train(argv)
+    return base / "run", argv

@@ -1,0 +1,56 @@
+"""Command-line plumbing shared by every entry point: the common arguments, config loading with
+one-line errors, and the 'error: ...' exit for every known kind of bad input."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable
+
+from .config import ConfigError, add_config_args, config_from_args
+
+
+def known_errors() -> tuple:
+    """Exceptions that mean bad input (a file, a key, a value): shown as one line, no traceback."""
+    from data.datasets import DatasetError
+
+    from .checkpoint import CheckpointError
+    from .training import TrainingError
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, FileNotFoundError, PermissionError)
+
+
+def main_wrapper(main: Callable[[list[str] | None], object]):
+    """Run `main(argv)`; known errors end with `error: <message>` and exit status 2, Ctrl-C with 130."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130)
+        except known_errors() as e:
+            msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+            print(f"error: {msg}", file=sys.stderr)
+            raise SystemExit(2)
+    return run
+
+
+def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
+    """The arguments every training script takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--out", default="runs", help="run folder shared by all stages (default: runs/); "
+                   f"writes OUT/{stage}.pt and OUT/{stage}/")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{stage}/checkpoint.pt")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
+    if stage != "clip":
+        p.add_argument("--clip", default=None, help="CLIP checkpoint (default: OUT/clip.pt)")
+    return p
+
+
+def load_and_print_config(args: argparse.Namespace, is_main: bool = True):
+    cfg = config_from_args(args)
+    if is_main and not getattr(args, "quiet", False):
+        print(f"# resolved config (preset {cfg.preset})\n{cfg.to_yaml()}", end="")
+    return cfg

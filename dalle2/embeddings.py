@@ -1,0 +1,146 @@
+"""The CLIP embedding cache shared by the prior and the decoder.
+
+The frozen CLIP is run once per dataset split, in large batches, over every image in both views
+(plain and horizontally flipped: the original implementation cached one random flip, so half the
+time the cached embedding disagreed with the flipped image the decoder saw) and over every unique
+caption (pooled embedding and per-token encodings). The result is stored next to the run as
+`OUT/cache/<split>-<clip hash>.pt` together with a key of the data it was computed from; a cache
+whose CLIP or data differ is rebuilt, never silently used.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.datasets import CaptionedImages, to_float
+
+from .checkpoint import CheckpointError, atomic_torch_save
+
+
+def data_key(ds: CaptionedImages) -> str:
+    """A fingerprint of a split: its images, caption table and flip map."""
+    h = hashlib.sha256()
+    h.update(ds.images.cpu().contiguous().numpy().tobytes())
+    h.update("\n".join(ds.captions).encode())
+    h.update(ds.flip_ids.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Embeddings:
+    """CLIP features of one split. image_emb: (N, 2, E) [plain, flipped], unit norm; text_emb: (U, E)
+    unit norm; text_enc: (U, L, W) per-token encodings; text_mask: (U, L) bool; tokens: (U, L)."""
+    image_emb: torch.Tensor
+    text_emb: torch.Tensor
+    text_enc: torch.Tensor
+    text_mask: torch.Tensor
+    tokens: torch.Tensor
+    clip_hash: str
+    data_key: str
+
+    def to(self, device) -> "Embeddings":
+        return Embeddings(*(getattr(self, f).to(device) for f in ("image_emb", "text_emb", "text_enc", "text_mask", "tokens")),
+                          self.clip_hash, self.data_key)
+
+    def text(self, caption_ids: torch.Tensor) -> dict:
+        """The prior's text conditioning for captions (B,): text_emb, text_enc (as float), text_mask."""
+        return {"text_emb": self.text_emb[caption_ids].float(), "text_enc": self.text_enc[caption_ids].float(),
+                "text_mask": self.text_mask[caption_ids]}
+
+    def image(self, idx: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings (B, E) of images idx in the view they were sampled in."""
+        return self.image_emb[idx, flipped.long()].float()
+
+
+@torch.no_grad()
+def compute_embeddings(clip, ds: CaptionedImages, clip_hash: str, batch_size: int = 1024,
+                       progress: bool = True) -> Embeddings:
+    clip.eval()
+    dev = clip.device
+    image_emb = torch.empty(len(ds), 2, clip.embed_dim, dtype=torch.float16)
+    bar = tqdm(total=len(ds) + len(ds.captions), desc=f"CLIP embeddings {ds.name}", disable=not progress, unit="item")
+    for i in range(0, len(ds), batch_size):
+        x = to_float(ds.images[i:i + batch_size].to(dev))
+        image_emb[i:i + batch_size, 0] = clip.encode_image(x).float().cpu().half()
+        image_emb[i:i + batch_size, 1] = clip.encode_image(x.flip(-1)).float().cpu().half()
+        bar.update(len(x))
+    tokens = clip.tokenizer(ds.captions)
+    embs, encs, masks = [], [], []
+    for i in range(0, len(tokens), batch_size):
+        emb, enc, mask = clip.encode_text_tokens(tokens[i:i + batch_size].to(dev))
+        embs.append(emb.float().cpu())
+        encs.append(enc.float().cpu().half())
+        masks.append(mask.cpu())
+        bar.update(len(emb))
+    bar.close()
+    return Embeddings(image_emb, torch.cat(embs).half(), torch.cat(encs), torch.cat(masks), tokens,
+                      clip_hash, data_key(ds))
+
+
+def load_or_compute(clip, clip_hash: str, ds: CaptionedImages, cache_dir: str | Path, split: str,
+                    progress: bool = True, log=print) -> Embeddings:
+    """The cached embeddings of `ds` for this CLIP, computing (and saving) them when missing or stale."""
+    path = Path(cache_dir) / f"{split}-{clip_hash}.pt"
+    key = data_key(ds)
+    if path.exists():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if blob.get("clip_hash") == clip_hash and blob.get("data_key") == key:
+                return Embeddings(**{k: blob[k] for k in ("image_emb", "text_emb", "text_enc", "text_mask", "tokens")},
+                                  clip_hash=clip_hash, data_key=key)
+            log(f"embedding cache {path} was built from other data: rebuilding it")
+        except Exception as e:  # a truncated or foreign file is rebuilt, never trusted
+            log(f"embedding cache {path} is unreadable ({type(e).__name__}): rebuilding it")
+    emb = compute_embeddings(clip, ds, clip_hash, progress=progress)
+    atomic_torch_save({k: getattr(emb, k) for k in ("image_emb", "text_emb", "text_enc", "text_mask", "tokens",
+                                                     "clip_hash", "data_key")}, path)
+    return emb
+
+
+def load_clip_for_stage(clip_path: str | Path, device):
+    """The frozen CLIP a later stage is built on, and its hash (the key of caches and checkpoints)."""
+    from clip.model import CLIP
+    clip_path = Path(clip_path)
+    if not clip_path.exists():
+        raise CheckpointError(f"{clip_path}: no CLIP checkpoint here; train one first with "
+                              f"`python clip/train.py --out {clip_path.parent}` or pass --clip PATH")
+    clip = CLIP.from_checkpoint(clip_path).to(device).eval().requires_grad_(False)
+    return clip, clip.checkpoint_hash
+
+
+def check_same_clip(model, clip) -> None:
+    """A prior or decoder must run with the CLIP it was trained on (its hash is in model.extra)."""
+    want = model.extra.get("clip_hash")
+    if want is not None and want != clip.checkpoint_hash:
+        raise CheckpointError(f"{model.checkpoint_path}: was trained on CLIP {want}, but {clip.checkpoint_path} "
+                              f"is CLIP {clip.checkpoint_hash}; use the clip.pt it was trained with")
+
+
+def prepare_stage(args):
+    """What the prior and decoder training scripts share: the process group, the config, the frozen
+    CLIP (OUT/clip.pt unless --clip), the data and the embedding caches of both splits.
+    Returns (dist, cfg, clip, clip_hash, train, test, emb_train, emb_test)."""
+    from dataclasses import replace
+
+    from .cli import load_and_print_config
+    from .training import TrainingError, load_data, rank0_first, setup_distributed
+
+    dist = setup_distributed(args.device)
+    cfg = load_and_print_config(args, dist.is_main)
+    clip_path = Path(args.clip) if args.clip else Path(args.out) / "clip.pt"
+    clip, clip_hash = load_clip_for_stage(clip_path, dist.device)
+    if clip.config.data.image_size != cfg.data.image_size:
+        raise TrainingError(f"{clip_path}: CLIP was trained on {clip.config.data.image_size}px images, the config "
+                            f"says data.image_size={cfg.data.image_size}")
+    # this stage's config records the CLIP actually used, so its checkpoint describes it fully
+    cfg = replace(cfg, clip=clip.config.clip)
+    train, test = load_data(cfg.data, dist)
+    cache = Path(args.out) / "cache"
+    emb_train, emb_test = rank0_first(lambda: (
+        load_or_compute(clip, clip_hash, train, cache, "train", progress=dist.is_main),
+        load_or_compute(clip, clip_hash, test, cache, "test", progress=dist.is_main)), dist)
+    return dist, cfg, clip, clip_hash, train, test, emb_train, emb_test

@@ -1,0 +1,71 @@
+"""Train the decoder (stage 3 of 3): CLIP image embedding + caption -> image.
+
+    python dalle2/train_decoder.py                    # uses runs/clip.pt, writes runs/decoder.pt
+    python dalle2/train_decoder.py --preset tiny --out runs/tiny [--clip PATH] [--resume]
+
+Uses the cached CLIP embeddings (OUT/cache/), trains the classifier-free-guided UNet with EMA and, every
+`decoder.train.sample_every` steps and at the end, writes OUT/decoder/samples/step_NNNNNNN.png: fixed
+test images (top row) and the EMA decoder's samples from their CLIP embeddings and captions (fixed seed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dalle2.cli import main_wrapper, training_parser
+from dalle2.decoder import build_decoder
+from dalle2.embeddings import prepare_stage
+from dalle2.images import captioned_grid, save_image_atomic, to_pil
+from dalle2.training import Trainer, cleanup_distributed
+from data.datasets import StepBatches, to_float
+
+GRID_IMAGES = 8
+
+
+def main(argv=None):
+    args = training_parser(__doc__, "decoder").parse_args(argv)
+    try:
+        dist, cfg, clip, clip_hash, train, test, emb_train, emb_test = prepare_stage(args)
+        dev, tc = dist.device, cfg.decoder.train
+        decoder = build_decoder(cfg, clip.tokenizer.vocab_size)
+        if dist.is_main:
+            print(f"decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M parameters, "
+                  f"CLIP {clip_hash}, {len(train)} training images")
+        trainer = Trainer("decoder", cfg, tc, decoder, args.out, tokenizer=clip.tokenizer,
+                          extra={"clip_hash": clip_hash}, dist_info=dist)
+        del clip
+        train, emb_train = train.to(dev), emb_train.to(dev)
+        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size)
+
+        def get_batch(step: int) -> dict:
+            idx = batches.indices(step).to(dev)
+            images, caption_ids, flipped = train.sample(idx, batches.generator(step), cfg.data.flip)
+            # the embedding of the view the decoder sees: flipped image <-> flipped embedding
+            return {"images": to_float(images), "image_emb": emb_train.image(idx, flipped),
+                    "tokens": emb_train.tokens[caption_ids]}
+
+        n = min(GRID_IMAGES, len(test))
+        grid_caps = [test.caption_of(i) for i in range(n)]
+        grid_tokens = emb_test.tokens[test.caption_ids[:n, 0]].to(dev)
+        grid_emb = emb_test.image_emb[:n, 0].float().to(dev)
+        samples_dir = Path(args.out) / "decoder" / "samples"
+        s = cfg.sampling
+
+        def sample(model, step):
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = model.sample(grid_emb, grid_tokens, steps=s.steps, sampler=s.sampler, eta=s.eta,
+                             guidance_scale=s.guidance_scale, generator=g,
+                             clip_x0=None if s.clip_x0 == "none" else s.clip_x0)
+            real = [to_pil(test.images[i]) for i in range(n)]
+            fake = [to_pil((x[i].float().cpu() + 1) / 2) for i in range(n)]
+            grid = captioned_grid(real + fake, ["(real) " + c for c in grid_caps] + grid_caps, cols=n)
+            save_image_atomic(grid, samples_dir / f"step_{step:07d}.png")
+
+        trainer.fit(get_batch, resume=args.resume, sample=sample)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main_wrapper(main)()

@@ -1,0 +1,363 @@
+"""The training loop every stage uses (CLIP, prior, decoder): one place for the optimizer, the LR
+schedule, EMA, mixed precision, DDP, checkpoints, exact resume, logging and Ctrl-C handling.
+
+A stage supplies the model, a `get_batch(step) -> dict` (a pure function of the step, so resuming at
+step s sees the same batches as an uninterrupted run) and optional evaluation / sampling callbacks;
+the model's `loss(**batch)` returns a scalar loss. Run folder layout (`--out DIR`, shared by stages):
+
+    DIR/<stage>.pt                 final checkpoint (EMA weights when EMA is on)
+    DIR/<stage>/config.yml         resolved config
+    DIR/<stage>/metrics.jsonl      one JSON object per log step / evaluation
+    DIR/<stage>/checkpoint.pt      resume state (model, EMA, optimizer, step, RNG)
+    DIR/<stage>/samples/           pictures written by the stage's callbacks
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from .checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
+from .config import Config, TrainConfig, save_config
+
+
+class TrainingError(Exception):
+    """Training cannot go on (non-finite loss, resume mismatch); the message says why."""
+
+
+# --- devices and processes --------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Single process, or one process per GPU under torchrun (NCCL on GPU, gloo on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs: free speed on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo(device=pick_device(device))
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); fp32 on CPU."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def rank0_first(fn: Callable, dist_info: DistInfo):
+    """Run fn() on rank 0 first and on the other ranks after it, so only one process writes shared
+    files (generated data, embedding caches) and the others read them."""
+    if dist_info.world_size == 1:
+        return fn()
+    if dist_info.is_main:
+        result = fn()
+        dist.barrier()
+        return result
+    dist.barrier()
+    return fn()
+
+
+def load_data(data_cfg, dist_info: DistInfo):
+    """(train, test) datasets; the shapes data is generated on first use (by rank 0 only)."""
+    from data.datasets import load_dataset
+    return rank0_first(lambda: (load_dataset(data_cfg, "train"), load_dataset(data_cfg, "test")), dist_info)
+
+
+# --- optimisation helpers ---------------------------------------------------------------------
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to tc.lr, then cosine decay to tc.lr * tc.min_lr_ratio at tc.steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    floor = tc.lr * tc.min_lr_ratio
+    return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices (not on biases, norms, scalars), as in GPT-2 / nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused or None)
+
+
+class EMA:
+    """Exponential moving average of the weights, kept as a frozen deep copy (as in DiT)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = list(self.model.parameters())
+        params = list(model.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+class _Objective(nn.Module):
+    """Calls model.loss(**batch) through forward(), so DDP's gradient hooks and torch.compile see it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model.loss(**batch)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    # Reseeding the global RNG from (seed, step, rank) every step makes dropout and diffusion noise a
+    # function of the step, so a resumed run draws exactly what the uninterrupted run drew.
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2 ** 63)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains `model` (which has `.loss(**batch)`) for `train_cfg.steps` steps, writing the run folder."""
+
+    def __init__(self, stage: str, cfg: Config, train_cfg: TrainConfig, model: nn.Module, out: str | Path,
+                 *, tokenizer=None, extra: Optional[dict] = None, dist_info: Optional[DistInfo] = None,
+                 model_key: Optional[str] = None):
+        self.stage, self.cfg, self.tc = stage, cfg, train_cfg
+        self.dist = dist_info or DistInfo()
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.extra = dict(extra or {})
+        self.model_key = model_key or stage  # config section that must match on resume
+        self.out = Path(out)
+        self.run_dir = self.out / stage
+        self.final_path = self.out / f"{stage}.pt"
+        self.resume_path = self.run_dir / "checkpoint.pt"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.optimizer = make_optimizer(self.model, train_cfg)
+        self.ema = EMA(self.model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
+        self.step = 0
+        self.last_eval: Optional[dict] = None
+        objective = _Objective(self.model)
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            objective = DDP(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.objective = torch.compile(objective) if train_cfg.compile else objective
+
+    # the weights that evaluation and sampling use
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
+
+    # -- checkpoints --
+    def _payload(self, final: bool) -> dict:
+        payload = {
+            "stage": self.stage, "format": FORMAT, "step": self.step, "config": self.cfg.to_dict(),
+            "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
+            "model": self.eval_model.state_dict(), "extra": self.extra,
+        }
+        if not final:
+            payload.update({
+                "raw_model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            })
+        return payload
+
+    def save(self, final: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        atomic_torch_save(self._payload(final=False), self.resume_path)
+        if final:
+            atomic_torch_save(self._payload(final=True), self.final_path)
+
+    def try_resume(self) -> bool:
+        """Load DIR/<stage>/checkpoint.pt if present; refuse one whose model config differs."""
+        if not self.resume_path.exists():
+            return False
+        ckpt = load_checkpoint(self.resume_path, stage=self.stage)
+        saved, now = ckpt["config"], asdict(self.cfg)
+        checks = [(f"{self.model_key}.model", now[self.model_key]["model"], saved.get(self.model_key, {}).get("model")),
+                  ("data.image_size", now["data"]["image_size"], saved.get("data", {}).get("image_size")),
+                  ("the CLIP it was built on", self.extra.get("clip_hash"), (ckpt.get("extra") or {}).get("clip_hash"))]
+        for what, current, then in checks:
+            if current != then:
+                raise TrainingError(f"{self.resume_path}: the checkpoint has {what} = {then}, the current run has "
+                                    f"{current}; use the same --preset/--set/--clip, or another --out")
+        self.model.load_state_dict(ckpt["raw_model"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.step = int(ckpt["step"])
+        self.extra = {**(ckpt.get("extra") or {}), **self.extra}
+        if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the saved step
+            lines = [l for l in self.metrics_path.read_text().splitlines() if l.strip()]
+            kept = [l for l in lines if json.loads(l).get("step", 0) <= self.step]
+            self.metrics_path.write_text("".join(l + "\n" for l in kept))
+        return True
+
+    # -- logging --
+    def log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def print(self, text: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(text)
+
+    # -- the loop --
+    def fit(self, get_batch: Callable[[int], dict], *, resume: bool = False,
+            evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
+            sample: Optional[Callable[[nn.Module, int], None]] = None) -> nn.Module:
+        """Train to tc.steps; returns the eval model (EMA when on). `evaluate(model, step) -> dict`
+        and `sample(model, step)` run on rank 0 at their intervals and at the end."""
+        tc, dev = self.tc, self.device
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yml")
+        if resume and self.try_resume():
+            self.print(f"[{self.stage}] resumed from {self.resume_path} at step {self.step}")
+        elif resume:
+            self.print(f"[{self.stage}] nothing to resume in {self.run_dir}: starting from step 0")
+        if self.step >= tc.steps:
+            self.print(f"[{self.stage}] already trained to step {self.step} >= {tc.steps}")
+        self.model.train()
+        bad = torch.zeros((), dtype=torch.bool, device=dev)  # any non-finite loss since the last check
+        loss_sum = torch.zeros((), device=dev)
+        n_logged, t_last = 0, time.perf_counter()
+        bar = tqdm(total=tc.steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
+                   dynamic_ncols=True, leave=True)
+        try:
+            while self.step < tc.steps:
+                step = self.step
+                lr = lr_at(step, tc)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                torch.manual_seed(_step_seed(tc.seed, step, self.dist.rank))
+                batch = get_batch(step)
+                with autocast(dev, tc.precision):
+                    loss = self.objective(batch)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                loss = loss.detach().float()
+                bad |= ~torch.isfinite(loss)
+                loss_sum += loss
+                n_logged += 1
+                self.step = step + 1
+                bar.update(1)
+                last = self.step == tc.steps
+                if self.step % tc.log_every == 0 or last:
+                    self._check_finite(bad)
+                    if self.dist.world_size > 1:
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= self.dist.world_size
+                    now = time.perf_counter()
+                    ips = n_logged * tc.batch_size / max(now - t_last, 1e-9)
+                    record = {"step": self.step, "loss": loss_sum.item() / n_logged, "lr": lr, "images_per_s": ips}
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                    loss_sum.zero_()
+                    n_logged, t_last = 0, time.perf_counter()
+                if self.step % tc.save_every == 0 and not last:
+                    self._check_finite(bad)
+                    self.save()
+                if not last:
+                    self._maybe(evaluate, tc.eval_every, "eval")
+                    self._maybe(sample, tc.sample_every, "sample")
+        except KeyboardInterrupt:
+            bar.close()
+            self._check_finite(bad)
+            self.save()
+            self.print(f"[{self.stage}] interrupted: saved step {self.step} to {self.resume_path}; "
+                       f"continue with --resume")
+            raise
+        bar.close()
+        self.save(final=True)
+        if evaluate is not None:
+            self._run_callback(evaluate, "eval")
+        if sample is not None:
+            self._run_callback(sample, "sample")
+        self.print(f"[{self.stage}] done: {self.final_path}")
+        return self.eval_model
+
+    def _check_finite(self, bad: torch.Tensor) -> None:
+        if bool(bad):
+            raise TrainingError(
+                f"[{self.stage}] the loss became NaN/inf before step {self.step}; the last good checkpoint "
+                f"({self.resume_path if self.resume_path.exists() else 'none yet'}) is kept. Try a lower "
+                f"--set {self.model_key}.train.lr or precision=fp32, then --resume.")
+
+    def _maybe(self, callback, every: int, what: str) -> None:
+        if callback is not None and every > 0 and self.step % every == 0:
+            self._run_callback(callback, what)
+
+    def _run_callback(self, callback, what: str) -> None:
+        if self.dist.is_main:
+            model = self.eval_model
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                result = callback(model, self.step)
+            model.train(was_training)
+            if what == "eval" and result:
+                self.last_eval = result
+                self.log({"step": self.step, "eval": result})
+                self.print(f"[{self.stage}] step {self.step} eval: "
+                           + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        if self.dist.world_size > 1:
+            dist.barrier()

@@ -1,0 +1,151 @@
+"""The shared training loop: LR schedule, exact resume, Ctrl-C, non-finite loss, checkpoint safety."""
+import json
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dalle2.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+from dalle2.config import load_config
+from dalle2.tokenizer import Tokenizer
+from dalle2.training import EMA, Trainer, TrainingError, lr_at
+
+
+class Toy(nn.Module):
+    """A tiny regression model with dropout (so the per-step RNG matters for exact resume)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.Linear(16, 1))
+        self.poison_at = None  # step at which the loss becomes NaN
+
+    def loss(self, x, y, step):
+        out = ((self.net(x) - y) ** 2).mean() + 0.01 * torch.randn(()) ** 2
+        if self.poison_at is not None and step >= self.poison_at:
+            out = out * float("nan")
+        return out
+
+
+def get_batch(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(8, 4, generator=g)
+    return {"x": x, "y": x.sum(1, keepdim=True), "step": step}
+
+
+def make_trainer(out, steps=8, ema=0.9, **train_overrides):
+    sets = [f"clip.train.steps={steps}", "clip.train.warmup_steps=2", "clip.train.log_every=1",
+            "clip.train.save_every=2", f"clip.train.ema_decay={ema}", "clip.train.lr=1e-2", "clip.train.batch_size=8"]
+    sets += [f"clip.train.{k}={v}" for k, v in train_overrides.items()]
+    cfg = load_config(preset="tiny", overrides=sets)
+    torch.manual_seed(0)
+    return Trainer("clip", cfg, cfg.clip.train, Toy(), out, tokenizer=Tokenizer.build(["a red circle"]))
+
+
+def losses(run_dir):
+    lines = (run_dir / "clip" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = load_config(overrides=["clip.train.steps=100", "clip.train.warmup_steps=10", "clip.train.lr=1.0",
+                                 "clip.train.min_lr_ratio=0.1"]).clip.train
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_run_folder_layout_and_checkpoint_contents(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.fit(get_batch)
+    assert (tmp_path / "clip.pt").is_file() and (tmp_path / "clip" / "checkpoint.pt").is_file()
+    assert (tmp_path / "clip" / "config.yml").read_text().startswith("data:")
+    assert sorted(losses(tmp_path)) == list(range(1, 9))
+    final = load_checkpoint(tmp_path / "clip.pt", "clip")
+    assert final["step"] == 8 and final["tokenizer"]["words"] and "optimizer" not in final
+    resume = load_checkpoint(tmp_path / "clip" / "checkpoint.pt", "clip")
+    for key in ("model", "raw_model", "optimizer", "rng", "config"):
+        assert key in resume
+    # the final checkpoint holds the EMA weights, which differ from the raw weights
+    assert not torch.equal(final["model"]["net.0.weight"], resume["raw_model"]["net.0.weight"])
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path):
+    make_trainer(tmp_path / "straight").fit(get_batch)
+
+    def interrupting(step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return get_batch(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "broken").fit(interrupting)  # Ctrl-C saves step 5 before exiting
+    assert load_checkpoint(tmp_path / "broken" / "clip" / "checkpoint.pt")["step"] == 5
+    resumed = make_trainer(tmp_path / "broken")
+    resumed.fit(get_batch, resume=True)
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "broken")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    w_a = load_checkpoint(tmp_path / "straight" / "clip.pt")["model"]
+    w_b = load_checkpoint(tmp_path / "broken" / "clip.pt")["model"]
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k])
+
+
+def test_resume_refuses_another_model_config(tmp_path):
+    make_trainer(tmp_path, steps=4).fit(get_batch)
+    cfg = load_config(preset="tiny", overrides=["clip.model.embed_dim=48"])
+    other = Trainer("clip", cfg, cfg.clip.train, Toy(), tmp_path)
+    with pytest.raises(TrainingError, match="clip.model"):
+        other.fit(get_batch, resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, steps=10)
+    trainer.model.poison_at = 5
+    with pytest.raises(TrainingError, match="NaN"):
+        trainer.fit(get_batch)
+    ckpt = load_checkpoint(tmp_path / "clip" / "checkpoint.pt")
+    assert ckpt["step"] == 4  # saved at step 4, before the loss went bad
+    assert all(torch.isfinite(v).all() for v in ckpt["raw_model"].values())
+    assert not (tmp_path / "clip.pt").exists()
+
+
+def test_ema_is_a_lerp_of_the_weights():
+    model = nn.Linear(3, 3)
+    ema = EMA(model, decay=0.75)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, 0.75 * before + 0.25 * model.weight)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoints_never_run_code_and_bad_files_get_one_line_errors(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"stage": "clip", "model": {}, "payload": Evil()}, evil)
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(evil)
+    good = tmp_path / "good.pt"
+    atomic_torch_save({"stage": "prior", "format": 1, "model": {"w": torch.ones(3)}}, good)
+    with pytest.raises(CheckpointError, match="is a 'prior' checkpoint, expected a 'clip'"):
+        load_checkpoint(good, "clip")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):
+        load_checkpoint(truncated)
+    other = tmp_path / "notes.pt"
+    other.write_bytes(pickle.dumps({"hello": 1}))
+    with pytest.raises(CheckpointError, match="notes.pt"):
+        load_checkpoint(other)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
