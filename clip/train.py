@@ -47,7 +47,7 @@ def main(argv=None):
         def evaluate(m, step):
             return evaluate_clip(m, test)
 
-        trainer.fit(get_batch, resume=args.resume, evaluate=evaluate)
+        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit and args.time_limit * 60, evaluate=evaluate)
         if dist.is_main and trainer.last_eval:
             print(f"CLIP on {test.name} (step {trainer.step}):\n{format_table(trainer.last_eval)}")
     finally:

@@ -42,7 +42,7 @@ def main(argv=None):
                                   candidates=cfg.sampling.candidates,
                                   guidance_scale=cfg.sampling.prior_guidance_scale, seed=0)
 
-        trainer.fit(get_batch, resume=args.resume, evaluate=evaluate)
+        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit and args.time_limit * 60, evaluate=evaluate)
         if dist.is_main and trainer.last_eval:
             print(f"prior on {test.name} (step {trainer.step}):\n{format_table(trainer.last_eval)}")
     finally:

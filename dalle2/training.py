@@ -259,9 +259,12 @@ class Trainer:
     # -- the loop --
     def fit(self, get_batch: Callable[[int], dict], *, resume: bool = False,
             evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
-            sample: Optional[Callable[[nn.Module, int], None]] = None) -> nn.Module:
+            sample: Optional[Callable[[nn.Module, int], None]] = None,
+            time_limit: Optional[float] = None) -> nn.Module:
         """Train to tc.steps; returns the eval model (EMA when on). `evaluate(model, step) -> dict`
-        and `sample(model, step)` run on rank 0 at their intervals and at the end."""
+        and `sample(model, step)` run on rank 0 at their intervals and at the end. `time_limit`
+        (seconds): finish early, as if the last step were reached (final checkpoint, evaluation),
+        once that much time has passed; the LR schedule is not rescaled."""
         tc, dev = self.tc, self.device
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yml")
@@ -275,10 +278,12 @@ class Trainer:
         bad = torch.zeros((), dtype=torch.bool, device=dev)  # any non-finite loss since the last check
         loss_sum = torch.zeros((), device=dev)
         n_logged, t_last = 0, time.perf_counter()
+        t_start = time.perf_counter()
         bar = tqdm(total=tc.steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True)
         try:
-            while self.step < tc.steps:
+            last = False
+            while self.step < tc.steps and not last:
                 step = self.step
                 lr = lr_at(step, tc)
                 for group in self.optimizer.param_groups:
@@ -300,7 +305,12 @@ class Trainer:
                 n_logged += 1
                 self.step = step + 1
                 bar.update(1)
-                last = self.step == tc.steps
+                out_of_time = time_limit is not None and time.perf_counter() - t_start > time_limit
+                if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
+                    flag = torch.tensor(float(out_of_time), device=dev)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    out_of_time = bool(flag.item())
+                last = self.step == tc.steps or out_of_time
                 if self.step % tc.log_every == 0 or last:
                     self._check_finite(bad)
                     if self.dist.world_size > 1:
@@ -327,6 +337,8 @@ class Trainer:
                        f"continue with --resume")
             raise
         bar.close()
+        if self.step < tc.steps:
+            self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {tc.steps}")
         self.save(final=True)
         if evaluate is not None:
             self._run_callback(evaluate, "eval")

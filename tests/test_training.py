@@ -149,3 +149,12 @@ def test_checkpoints_never_run_code_and_bad_files_get_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_time_limit_finishes_early_with_a_final_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, steps=50)
+    trainer.fit(get_batch, time_limit=0.0)  # out of time after the first step
+    assert load_checkpoint(tmp_path / "clip.pt")["step"] == 1
+    resumed = make_trainer(tmp_path, steps=50)
+    resumed.fit(get_batch, resume=True)  # --resume continues to the configured steps
+    assert load_checkpoint(tmp_path / "clip.pt")["step"] == 50
