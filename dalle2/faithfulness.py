@@ -1,0 +1,260 @@
+"""Faithfulness on the shapes data: does the picture show what the caption says?
+
+Captions of the shapes dataset (shared/SHAPES_SPEC.md) have an exact meaning: a list of objects,
+each with a colour, a shape and optionally a size and a position word. `parse_caption` turns a
+caption into that list; the attribute reader (dalle2/reader.py) turns an image into the list of
+objects it shows; `score` compares the two; `aggregate` turns per-image scores into accuracies,
+split into seen and zero-shot held-out colour-shape pairs.
+
+Scoring rules (per image):
+- colour / shape / size / position: for each attribute separately, how many of the caption's
+  stated values are drawn, each on a distinct object: the best one-to-one matching of caption
+  objects to detected objects on that attribute alone. These are binding-free: "a red circle and
+  a blue square" drawn as a blue circle and a red square scores colour 2/2 and shape 2/2.
+  Unstated attributes ("a large circle" has no colour) are not counted.
+- binding (captions with >= 2 objects, all stating colour and shape): every colour-shape pair is
+  drawn as stated, on distinct objects. The swapped drawing above fails it.
+- count: as many objects drawn as the caption names.
+- exact: count right AND one assignment of caption objects to drawn objects under which every
+  stated attribute of every object is right.
+
+Usage:
+    reader = AttributeReader.default(32)
+    result = evaluate(reader, images, captions)   # images (N, 3, 32, 32) uint8 or [-1, 1]
+    result["summary"]["heldout"]["exact"]
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from typing import Sequence
+
+from data.shapes import COLOURS, HOLDOUT_PAIRS, P_DROP_SIZE, SHAPES, sample_scene
+
+ATTRIBUTES = ("colour", "shape", "size", "position")
+SIZES = ("small", "medium", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left", "right", "center")
+DETERMINERS = ("a", "an", "the")
+GENERIC_NOUNS = ("shape", "object")  # "a gold shape": the colour is stated, the shape is not
+_POSITION_WORDS = {"top", "bottom", "left", "right", "center", "centre"}
+_KNOWN = (set(DETERMINERS) | set(SIZES) | set(COLOURS) | set(SHAPES) | set(GENERIC_NOUNS) | _POSITION_WORDS
+          | {"and", "at", "that", "is"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions -> meaning.
+
+def parse_caption(text: str) -> list[dict]:
+    """The objects a caption names: [{"colour", "shape", "size", "position"}, ...], None where unstated.
+
+    Grammar (case-insensitive, a final "." allowed), objects joined by "and":
+      object := [det] [size] colour (shape | "shape" | "object") [at the position]   "a large gold pentagon"
+              | [det] [size] shape ["that is" colour] [at the position]           "a rectangle that is gold"
+              | [det] [size] colour [at the position]                             "green" (shape unstated)
+              | [det] [size] ("shape" | "object") [at the position]               (nothing but a count)
+      det := a | an | the;  position := top left | top right | bottom left | bottom right | top |
+      bottom | left | right | center (also spelled centre)
+    Raises ValueError naming the first unknown word, or the word where the grammar breaks.
+    """
+    words = text.strip().rstrip(".").lower().split()
+    if not words:
+        raise ValueError("empty caption")
+    for w in words:
+        if w not in _KNOWN:
+            raise ValueError(f"unknown word {w!r} in caption {text!r}")
+    objects, current = [], []
+    for w in words + ["and"]:
+        if w != "and":
+            current.append(w)
+            continue
+        if not current:
+            raise ValueError(f"an object is missing around 'and' in caption {text!r}")
+        objects.append(_parse_object(current, text))
+        current = []
+    return objects
+
+
+def _parse_object(words: list, text: str) -> dict:
+    obj = {"colour": None, "shape": None, "size": None, "position": None}
+    i, n = 0, len(words)
+
+    def at(j):
+        return words[j] if j < n else None
+
+    def fail(j, expected):
+        found = f"{words[j]!r}" if j < n else "the end"
+        raise ValueError(f"expected {expected} but found {found} in caption {text!r}")
+
+    if at(i) in DETERMINERS:
+        i += 1
+    if at(i) in SIZES:
+        obj["size"] = words[i]
+        i += 1
+    if at(i) in COLOURS:
+        obj["colour"] = words[i]
+        i += 1
+        if at(i) in SHAPES or at(i) in GENERIC_NOUNS:
+            obj["shape"] = words[i] if words[i] in SHAPES else None
+            i += 1
+    elif at(i) in SHAPES or at(i) in GENERIC_NOUNS:
+        obj["shape"] = words[i] if words[i] in SHAPES else None
+        i += 1
+        if at(i) == "that":
+            if at(i + 1) != "is":
+                fail(i + 1, "'is'")
+            if at(i + 2) not in COLOURS:
+                fail(i + 2, "a colour")
+            obj["colour"] = words[i + 2]
+            i += 3
+    else:
+        fail(i, "a colour or a shape")
+    if at(i) == "at":
+        if at(i + 1) != "the":
+            fail(i + 1, "'the'")
+        i += 2
+        two = " ".join(words[i:i + 2])
+        if i + 1 < n and two in POSITIONS:
+            obj["position"] = two
+            i += 2
+        elif at(i) in _POSITION_WORDS:
+            obj["position"] = "center" if words[i] == "centre" else words[i]
+            i += 1
+        else:
+            fail(i, "a position")
+    if i != n:
+        fail(i, "'and' or the end")
+    return obj
+
+
+def is_heldout(caption_objects: Sequence[dict]) -> bool:
+    """Whether a caption names a zero-shot hold-out colour-shape pair (never seen in training)."""
+    return any((o["colour"], o["shape"]) in HOLDOUT_PAIRS for o in caption_objects)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring one image.
+
+def _matches(cap: dict, det: dict, attributes) -> bool:
+    return all(cap[a] is None or cap[a] == det[a] for a in attributes)
+
+
+def _assignable(caption_objects, detected_objects, attributes) -> bool:
+    """Whether caption objects can go to distinct detected objects with every stated attribute right."""
+    if len(caption_objects) > len(detected_objects):
+        return False
+    return any(all(_matches(c, detected_objects[j], attributes) for c, j in zip(caption_objects, perm))
+               for perm in itertools.permutations(range(len(detected_objects)), len(caption_objects)))
+
+
+def score(caption_objects: Sequence[dict], detected_objects: Sequence[dict]) -> dict:
+    """Compare a parsed caption with the objects read from its image (rules in the module docstring).
+
+    Returns {"n_objects", "n_detected", "colour" / "shape" / "size" / "position": [correct, stated],
+    "binding": bool or None (not applicable), "count": bool, "exact": bool}.
+    """
+    row = {"n_objects": len(caption_objects), "n_detected": len(detected_objects)}
+    for a in ATTRIBUTES:
+        stated = Counter(o[a] for o in caption_objects if o[a] is not None)
+        drawn = Counter(o[a] for o in detected_objects)
+        # one-to-one matching on a single attribute = multiset intersection
+        row[a] = [sum(min(k, drawn[v]) for v, k in stated.items()), sum(stated.values())]
+    binds = len(caption_objects) >= 2 and all(o["colour"] is not None and o["shape"] is not None
+                                              for o in caption_objects)
+    row["binding"] = _assignable(caption_objects, detected_objects, ("colour", "shape")) if binds else None
+    row["count"] = len(detected_objects) == len(caption_objects)
+    row["exact"] = row["count"] and _assignable(caption_objects, detected_objects, ATTRIBUTES)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracies over many images.
+
+def _summary(rows: list) -> dict:
+    out = {"n": len(rows)}
+    for a in ATTRIBUTES:
+        stated = sum(r[a][1] for r in rows)
+        out[a] = sum(r[a][0] for r in rows) / stated if stated else None
+    binding = [r["binding"] for r in rows if r["binding"] is not None]
+    out["n_binding"] = len(binding)
+    out["binding"] = sum(binding) / len(binding) if binding else None
+    for key in ("count", "exact"):
+        out[key] = sum(r[key] for r in rows) / len(rows) if rows else None
+    return out
+
+
+def aggregate(rows: Sequence[dict], heldout: Sequence[bool]) -> dict:
+    """Accuracies over images: {"all", "seen", "heldout"} -> {"n", "colour", "shape", "size",
+    "position" (object-level, over stated values), "binding", "n_binding", "count", "exact"
+    (image-level)}; None where nothing was stated / applicable. heldout[i]: see `is_heldout`."""
+    if len(rows) != len(heldout):
+        raise ValueError(f"{len(rows)} rows but {len(heldout)} held-out flags")
+    return {"all": _summary(list(rows)),
+            "seen": _summary([r for r, h in zip(rows, heldout) if not h]),
+            "heldout": _summary([r for r, h in zip(rows, heldout) if h])}
+
+
+def evaluate(reader, images, captions: Sequence[str]) -> dict:
+    """Read the images and score them against their captions, one caption per image.
+
+    reader: an AttributeReader; images: (N, 3, S, S) uint8 or float in [-1, 1].
+    Returns {"rows": per-image score dicts, "heldout": flags, "summary": aggregate(...)}.
+    """
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
+    parsed = [parse_caption(c) for c in captions]
+    rows = [score(p, d) for p, d in zip(parsed, reader.read(images))]
+    heldout = [is_heldout(p) for p in parsed]
+    return {"rows": rows, "heldout": heldout, "summary": aggregate(rows, heldout)}
+
+
+def format_summary(summary: dict) -> str:
+    """A small text table of aggregate()'s result."""
+    keys = ("colour", "shape", "size", "position", "binding", "count", "exact")
+    lines = [f"{'split':<8}{'n':>6}" + "".join(f"{k:>10}" for k in keys)]
+    for split, s in summary.items():
+        lines.append(f"{split:<8}{s['n']:>6}" + "".join(
+            f"{s[k]:>10.4f}" if s[k] is not None else f"{'-':>10}" for k in keys))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt sets beyond the test captions.
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def rephrase(objects: Sequence[dict], rng: random.Random) -> str:
+    """Objects (metadata dicts) as "a <size> <shape> that is <colour>" phrases joined by "and";
+    the size word dropped with the dataset's probability."""
+    parts = []
+    for o in objects:
+        words = ([] if rng.random() < P_DROP_SIZE else [o["size"]]) + [o["shape"]]
+        parts.append(f"{_article(words[0])} {' '.join(words)} that is {o['colour']}")
+    return " and ".join(parts)
+
+
+def prompt_sets(seed: int = 0, n: int = 240) -> dict:
+    """Deterministic prompt lists for faithfulness beyond the test captions (those are the
+    dataset's own test split and not made here). Every prompt parses with `parse_caption`.
+
+    "rephrased": n captions of dataset scenes (1 or 2 objects) in the unseen word order
+      "a large rectangle that is gold"; every third scene's first object is a hold-out pair
+      (cycling through all six), so with the pairs drawn at random ~40% of prompts are zero-shot.
+    "partial": n one-object captions that leave attributes unstated, cycling through four forms:
+      "a large circle" (size, shape), "a square" (shape), "a gold shape" (colour), "green" (colour).
+    """
+    rng = random.Random(f"prompts/{seed}")
+    holdout = sorted(HOLDOUT_PAIRS)
+    rephrased = []
+    for i in range(n):
+        first = holdout[(i // 3) % len(holdout)] if i % 3 == 0 else None
+        objects = sample_scene(rng, "objects", allow_holdout=True, first=first)["objects"]
+        rephrased.append(rephrase(objects, rng))
+    partial = []
+    for i in range(n):
+        size, shape, colour = rng.choice(SIZES), rng.choice(SHAPES), rng.choice(tuple(COLOURS))
+        partial.append((f"{_article(size)} {size} {shape}", f"{_article(shape)} {shape}",
+                        f"{_article(colour)} {colour} shape", colour)[i % 4])
+    return {"rephrased": rephrased, "partial": partial}
