@@ -56,3 +56,18 @@ def load_and_print_config(args: argparse.Namespace, is_main: bool = True):
     if is_main and not getattr(args, "quiet", False):
         print(f"# resolved config (preset {cfg.preset})\n{cfg.to_yaml()}", end="")
     return cfg
+
+
+def read_prompts(path: str) -> list[str]:
+    """Captions from a text file, one per line (blank lines skipped); an unreadable or empty file
+    is one clear error naming it."""
+    from pathlib import Path
+    p = Path(path)
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {p}: cannot read the prompt file ({getattr(e, 'strerror', None) or type(e).__name__})")
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise SystemExit(f"error: {p}: the prompt file has no captions (one caption per line)")
+    return prompts

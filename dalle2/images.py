@@ -112,3 +112,17 @@ def save_image_atomic(img: Image.Image, path) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def write_samples(images: list, captions: list[str], out, n_per_text: int = 1) -> list[Path]:
+    """Save generated images as OUT/0000.png, 0001.png, ... in caption order (OUT/0000_0.png,
+    0000_1.png, ... when n_per_text > 1), plus OUT/grid.png with the captions under the images.
+    `images` are PIL images, n_per_text consecutive ones per caption. Returns the written paths."""
+    out = Path(out)
+    names = [f"{i:04d}.png" if n_per_text == 1 else f"{i:04d}_{k}.png"
+             for i in range(len(captions)) for k in range(n_per_text)]
+    paths = [save_image_atomic(img, out / name) for name, img in zip(names, images)]
+    grid_captions = [c for c in captions for _ in range(n_per_text)]
+    cols = max(n_per_text, min(8, len(images)))
+    paths.append(save_image_atomic(captioned_grid(images, grid_captions, cols=cols), out / "grid.png"))
+    return paths

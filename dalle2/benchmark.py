@@ -1,0 +1,108 @@
+"""Sampling speed of the whole pipeline (CLIP text encoder -> prior -> decoder), as a table.
+
+    python -m dalle2.benchmark                                   # shapes32-sized models, random weights
+    python -m dalle2.benchmark --checkpoints runs                # trained models
+    python -m dalle2.benchmark --preset tiny --device cpu --batch-sizes 8 --single 0
+
+Speed does not depend on the weights, so without checkpoints the models are built at the preset's
+sizes with random weights. Each row: prior with `candidates` samples per caption and decoder, both
+with DDIM and classifier-free guidance, at `--steps` steps; one warm-up run is not timed.
+Targets (issue 5): >= 500 images/s at batch 256 on one GPU, < 0.5 s for a single 32x32 image,
+8 tiny-preset images in < 30 s on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from dalle2.cli import main_wrapper
+from dalle2.config import add_config_args, config_from_args
+from dalle2.training import pick_device
+
+CAPTIONS = ["a large gold pentagon and a small blue circle", "an orange circle", "the small teal triangle",
+            "a medium white rectangle and a navy square"]
+
+
+def random_pipeline(cfg, device):
+    """DALLE2 built from a config with random weights (for timing only)."""
+    from clip.model import build_clip
+    from dalle2.decoder import build_decoder
+    from dalle2.prior import build_prior
+    from dalle2.tokenizer import Tokenizer
+    from dalle2.unclip import DALLE2
+    from data.shapes import COLOURS, SHAPES
+    words = [f"a {size} {c} {s}" for size in ("small", "medium", "large") for c in COLOURS for s in SHAPES]
+    tok = Tokenizer.build(words + CAPTIONS, cfg.clip.model.context_length)
+    clip = build_clip(cfg.clip.model, tok.vocab_size, cfg.data.image_size)
+    clip.tokenizer = tok
+    model = DALLE2(clip, build_prior(cfg), build_decoder(cfg, tok.vocab_size), sampling=cfg.sampling)
+    return model.to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generate(model, n: int, batch_size: int, steps: int, prior_steps: int, guidance: float, repeats: int) -> float:
+    """Median seconds for generating n images."""
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+    kwargs = dict(steps=steps, prior_steps=prior_steps, guidance_scale=guidance, prior_guidance_scale=guidance,
+                  sampler="ddim", batch_size=batch_size)
+    model.generate(captions, **kwargs)  # warm-up (kernels, allocator)
+    times = []
+    for r in range(repeats):
+        sync(model.device)
+        t0 = time.perf_counter()
+        model.generate(captions, seed=r, **kwargs)
+        sync(model.device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--checkpoints", default=None, help="a run folder with clip.pt, prior.pt, decoder.pt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-sizes", default="256", help="comma-separated batch sizes for throughput rows")
+    p.add_argument("--single", type=int, default=1, help="also time one single image (1) or not (0)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--prior-steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    if args.checkpoints:
+        from dalle2.unclip import DALLE2
+        model = DALLE2.from_run(args.checkpoints).to(device)
+        source = args.checkpoints
+    else:
+        cfg = config_from_args(args)
+        model = random_pipeline(cfg, device)
+        source = f"preset {cfg.preset} (random weights)"
+    model.eval()
+    n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6 for name in ("clip", "prior", "decoder")}
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"pipeline: {source}; {model.image_size}px; parameters (M): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in n_params.items()))
+    print(f"device: {hw}; torch {torch.__version__}; DDIM {args.steps} decoder / {args.prior_steps} prior steps, "
+          f"guidance {args.guidance_scale}, {model.sampling.candidates} prior candidates\n")
+    rows = []
+    if args.single:
+        s = time_generate(model, 1, 1, args.steps, args.prior_steps, args.guidance_scale, args.repeats)
+        rows.append(("single image", 1, s, 1 / s))
+    for bs in (int(b) for b in args.batch_sizes.split(",") if b):
+        s = time_generate(model, bs, bs, args.steps, args.prior_steps, args.guidance_scale, args.repeats)
+        rows.append((f"batch {bs}", bs, s, bs / s))
+    print(f"{'case':<16}{'images':>8}{'seconds':>10}{'images/s':>11}")
+    for name, n, s, ips in rows:
+        print(f"{name:<16}{n:>8}{s:>10.3f}{ips:>11.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main_wrapper(main)()

@@ -1,0 +1,222 @@
+"""DALLE2: CLIP text encoder -> diffusion prior -> decoder, the notebook API (unCLIP, Ramesh et al. 2022).
+
+    from dalle2 import DALLE2
+    model = DALLE2.from_run("runs").to("cuda")
+    images = model.generate(["a large gold pentagon and a small blue circle"], n_per_text=4, seed=0)  # (4, 3, 32, 32) in [0, 1]
+    model.to_pil(images)[0].save("pentagon.png")
+
+`sample.py` is a thin command line over `generate`. The image manipulations of section 3 of the paper
+(variations, interpolations, text diffs) are methods too.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.datasets import to_float
+
+from .checkpoint import CheckpointError
+from .config import SamplingConfig
+from .training import autocast
+
+STAGES = ("clip", "prior", "decoder")
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
+    """Spherical interpolation of unit vectors a, b: (..., D) at fraction theta (broadcast) -> unit (..., D)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    theta = torch.as_tensor(theta, dtype=torch.float32, device=a.device)  # scalar or (..., 1)
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))  # (..., 1)
+    so = torch.sin(omega)
+    out = (torch.sin((1 - theta) * omega) * a + torch.sin(theta * omega) * b) / so
+    return F.normalize(out, dim=-1)
+
+
+class DALLE2(nn.Module):
+    """The three trained stages, checked to fit together, with batched, seeded sampling."""
+
+    def __init__(self, clip, prior, decoder, sampling: Optional[SamplingConfig] = None):
+        super().__init__()
+        for name, model in (("prior", prior), ("decoder", decoder)):
+            want, have = getattr(model, "extra", {}).get("clip_hash"), getattr(clip, "checkpoint_hash", None)
+            if want is not None and have is not None and want != have:
+                where = getattr(model, "checkpoint_path", name)
+                raise CheckpointError(f"{where}: this {name} was trained on CLIP {want}, but the CLIP given is "
+                                      f"{have} ({getattr(clip, 'checkpoint_path', 'in memory')}); they do not fit together")
+        self.clip, self.prior, self.decoder = clip.eval(), prior.eval(), decoder.eval()
+        self.tokenizer = clip.tokenizer
+        if sampling is None:  # the sampling defaults saved with the decoder, else the library's
+            sampling = decoder.config.sampling if hasattr(decoder, "config") else SamplingConfig()
+        self.sampling = sampling
+        self.image_size = decoder.unet.image_size
+
+    # --- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoints(cls, clip: str | Path, prior: str | Path, decoder: str | Path,
+                         map_location="cpu") -> "DALLE2":
+        from clip.model import CLIP
+
+        from .decoder import Decoder
+        from .prior import DiffusionPrior
+        return cls(CLIP.from_checkpoint(clip, map_location=map_location),
+                   DiffusionPrior.from_checkpoint(prior, map_location=map_location),
+                   Decoder.from_checkpoint(decoder, map_location=map_location))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, map_location="cpu") -> "DALLE2":
+        """A run folder holding clip.pt, prior.pt and decoder.pt (the shared --out of the training scripts)."""
+        run_dir = Path(run_dir)
+        missing = [s for s in STAGES if not (run_dir / f"{s}.pt").is_file()]
+        if missing:
+            how = {"clip": "python clip/train.py", "prior": "python dalle2/train_prior.py",
+                   "decoder": "python dalle2/train_decoder.py"}
+            raise CheckpointError(f"{run_dir}: missing {', '.join(f'{m}.pt' for m in missing)}; train "
+                                  + "; ".join(f"{m} with `{how[m]} --out {run_dir}`" for m in missing)
+                                  + f" (or all at once: `python -m dalle2.pipeline --out {run_dir}`)")
+        return cls.from_checkpoints(*(run_dir / f"{s}.pt" for s in STAGES), map_location=map_location)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    def val_mode(self) -> "DALLE2":
+        """Evaluation mode for all three stages (the seed README's name for .eval())."""
+        return self.eval()
+
+    # --- text to image ----------------------------------------------------------------------
+
+    def _opt(self, value, name):
+        return getattr(self.sampling, name) if value is None else value
+
+    @torch.no_grad()
+    def generate(self, texts: str | Sequence[str], n_per_text: int = 1, *, guidance_scale: Optional[float] = None,
+                 prior_guidance_scale: Optional[float] = None, steps: Optional[int] = None,
+                 prior_steps: Optional[int] = None, sampler: Optional[str] = None, eta: Optional[float] = None,
+                 candidates: Optional[int] = None, seed: int = 0, batch_size: Optional[int] = None,
+                 progress: bool = False, return_embeddings: bool = False):
+        """Images for each caption, `n_per_text` each (rows: text 0 sample 0, text 0 sample 1, ...).
+        Returns float (N, 3, H, W) in [0, 1] (and the (N, E) image embeddings if return_embeddings).
+        Defaults come from the decoder checkpoint's `sampling` config. Same seed, arguments and
+        device -> same images: batch b draws its noise from a generator seeded with (seed, b)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("generate() needs at least one caption")
+        if n_per_text < 1:
+            raise ValueError(f"n_per_text must be >= 1, got {n_per_text}")
+        rows = [t for t in texts for _ in range(n_per_text)]
+        bs = self._opt(batch_size, "batch_size")
+        dev = self.device
+        images, embs = [], []
+        batches = range(0, len(rows), bs)
+        for b, start in enumerate(tqdm(batches, desc="sampling", disable=not progress, unit="batch")):
+            with autocast(dev, "bf16"):  # bf16 networks on CUDA; the diffusion maths stays in fp32
+                x, image_emb = self._generate_batch(rows[start:start + bs], seed * 100_003 + b, guidance_scale,
+                                                    prior_guidance_scale, steps, prior_steps, sampler, eta, candidates)
+            images.append(x.cpu())
+            embs.append(image_emb.float().cpu())
+        out = torch.cat(images)
+        return (out, torch.cat(embs)) if return_embeddings else out
+
+    def _generate_batch(self, texts, seed, guidance_scale, prior_guidance_scale, steps, prior_steps, sampler, eta,
+                        candidates):
+        """One batch: caption -> CLIP text features -> prior embedding -> decoder image."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        tokens = self.tokenizer(texts).to(self.device)  # (B, L)
+        text_emb, text_enc, text_mask = self.clip.encode_text_tokens(tokens)
+        image_emb = self.prior.sample(text_emb.float(), text_enc.float(), text_mask,
+                                      steps=self._opt(prior_steps, "prior_steps"),
+                                      sampler=self._opt(sampler, "sampler"), eta=self._opt(eta, "eta"),
+                                      guidance_scale=self._opt(prior_guidance_scale, "prior_guidance_scale"),
+                                      candidates=self._opt(candidates, "candidates"), generator=g)
+        x = self._decode(image_emb, tokens, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
+                         eta=eta, generator=g)
+        return x, image_emb
+
+    def _decode(self, image_emb, tokens, *, guidance_scale=None, steps=None, sampler=None, eta=None,
+                generator=None, noise=None) -> torch.Tensor:
+        """Decoder sampling with config defaults; returns (N, 3, H, W) in [0, 1]."""
+        clip_x0 = self.sampling.clip_x0
+        x = self.decoder.sample(image_emb, tokens, steps=self._opt(steps, "steps"),
+                                sampler=self._opt(sampler, "sampler"), eta=self._opt(eta, "eta"),
+                                guidance_scale=self._opt(guidance_scale, "guidance_scale"), generator=generator,
+                                noise=noise, clip_x0=None if clip_x0 == "none" else clip_x0)
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def forward(self, shape=(3, 32, 32), text: str = "", cf_guidance_scale: Optional[float] = None,
+                **kwargs) -> torch.Tensor:
+        """The seed README's call style: `image = dalle2((3, 32, 32), text="...", cf_guidance_scale=2)`.
+        Returns one image (1, 3, H, W) in [0, 1]."""
+        if tuple(shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"this decoder makes {self.image_size}x{self.image_size} images, shape {tuple(shape)} asked")
+        return self.generate([text], guidance_scale=cf_guidance_scale, **kwargs)
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list:
+        """(N, 3, H, W) in [0, 1] -> list of PIL images."""
+        from .images import to_pil
+        return [to_pil(x) for x in images]
+
+    # --- image manipulations (paper section 3) ----------------------------------------------
+
+    def _image_input(self, image) -> torch.Tensor:
+        """A PIL image, a uint8 (3,H,W)/(N,3,H,W) tensor or a float one in [0, 1] -> float [-1, 1] on device."""
+        if not isinstance(image, torch.Tensor):
+            from data.datasets import square_resize
+            image = torch.from_numpy(square_resize(image.convert("RGB"), self.image_size)).permute(2, 0, 1)
+        if image.dim() == 3:
+            image = image[None]
+        image = to_float(image) if image.dtype == torch.uint8 else image.float() * 2 - 1
+        if image.shape[-1] != self.image_size:
+            image = F.interpolate(image, size=(self.image_size, self.image_size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+        return image.to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, image) -> torch.Tensor:
+        """CLIP image embeddings (N, E) of images (see _image_input for accepted forms)."""
+        return self.clip.encode_image(self._image_input(image)).float()
+
+    @torch.no_grad()
+    def variations(self, image, n: int = 4, *, eta: float = 1.0, seed: int = 0, **kwargs) -> torch.Tensor:
+        """n images that keep what CLIP sees in `image` (section 3.1): decode its CLIP embedding with
+        DDIM eta > 0 and no caption. Returns (n, 3, H, W) in [0, 1]."""
+        z = self.encode_image(image)[:1].expand(n, -1)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return self._decode(z, None, eta=eta, sampler="ddim", generator=g, **kwargs)
+
+    @torch.no_grad()
+    def interpolate(self, image_a, image_b, steps: int = 5, *, seed: int = 0, **kwargs) -> torch.Tensor:
+        """Blend two images (section 3.2): slerp between their CLIP embeddings, decoded from the SAME
+        noise at every step (DDIM, eta 0), so only the embedding changes. Returns (steps, 3, H, W)."""
+        za, zb = self.encode_image(image_a)[:1], self.encode_image(image_b)[:1]
+        theta = torch.linspace(0, 1, steps, device=self.device)[:, None]
+        z = slerp(za, zb, theta)  # (steps, E)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        s = self.image_size
+        noise = torch.randn((1, 3, s, s), generator=g, device=self.device).expand(steps, -1, -1, -1)
+        return self._decode(z, None, sampler="ddim", eta=0.0, noise=noise.contiguous(), **kwargs)
+
+    @torch.no_grad()
+    def text_diff(self, image, from_text: str, to_text: str, amounts: Sequence[float] = (0.0, 0.25, 0.5),
+                  **kwargs) -> torch.Tensor:
+        """Edit an image towards a text change (section 3.3): z_d = normalize(z_t(to) - z_t(from)), then
+        decode slerp(z_i, z_d, amount) from the image's own DDIM-inverted noise (so amount 0 reconstructs
+        the image). Returns (len(amounts), 3, H, W) in [0, 1]."""
+        x = self._image_input(image)[:1]
+        z_i = self.clip.encode_image(x).float()
+        t = self.clip.encode_text([from_text, to_text]).float()
+        z_d = F.normalize(t[1] - t[0], dim=-1)[None]
+        theta = torch.tensor(list(amounts), device=self.device, dtype=torch.float32)[:, None]
+        z = slerp(z_i.expand(len(amounts), -1), z_d.expand(len(amounts), -1), theta)
+        steps = self._opt(kwargs.pop("steps", None), "steps")
+        noise = self.decoder.diffusion.ddim_invert(self.decoder.unet, x, steps=steps,
+                                                   model_kwargs={"image_emb": z_i, "tokens": None})
+        return self._decode(z, None, sampler="ddim", eta=0.0, steps=steps,
+                            noise=noise.expand(len(amounts), -1, -1, -1).contiguous(), **kwargs)

@@ -1,0 +1,67 @@
+"""Text to image from the command line: a thin face over `DALLE2.generate`.
+
+    python sample.py "a large gold pentagon and a small blue circle"
+    python sample.py "a red circle" "a small navy square" --n 4 --checkpoints runs --out samples
+    python sample.py --prompts prompts.txt --guidance-scale 3 --steps 50 --seed 0
+
+Writes OUT/0000.png, 0001.png, ... in prompt order (OUT/0000_0.png, 0000_1.png, ... with --n > 1) and
+OUT/grid.png with the captions under the images. Same seed, arguments and device: same images.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from dalle2.cli import main_wrapper, read_prompts
+from dalle2.training import pick_device
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {out}: cannot create the output folder ({e.strerror})")
+    if not os.access(out, os.W_OK):
+        raise SystemExit(f"error: {out}: the output folder is not writable")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("captions", nargs="*", help="captions to draw")
+    p.add_argument("--prompts", help="a text file with one caption per line")
+    p.add_argument("--n", type=int, default=1, help="images per caption")
+    p.add_argument("--out", default="samples", help="output folder (default: samples/)")
+    p.add_argument("--checkpoints", default="runs", help="folder holding clip.pt, prior.pt, decoder.pt (default: runs/)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="decoder guidance (default: the checkpoint's sampling config)")
+    p.add_argument("--prior-guidance-scale", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="decoder sampling steps")
+    p.add_argument("--prior-steps", type=int, default=None)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+
+    captions = list(args.captions) + (read_prompts(args.prompts) if args.prompts else [])
+    if not captions:
+        p.error("give at least one caption, or --prompts FILE")
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    out = Path(args.out)
+    check_writable(out)
+
+    from dalle2 import DALLE2
+    from dalle2.images import write_samples
+    model = DALLE2.from_run(args.checkpoints).to(pick_device(args.device))
+    images = model.generate(captions, n_per_text=args.n, guidance_scale=args.guidance_scale,
+                            prior_guidance_scale=args.prior_guidance_scale, steps=args.steps,
+                            prior_steps=args.prior_steps, sampler=args.sampler, seed=args.seed,
+                            batch_size=args.batch_size, progress=True)
+    write_samples(model.to_pil(images), captions, out, args.n)
+    print(f"wrote {len(images)} images and grid.png to {out}/")
+    return out
+
+
+if __name__ == "__main__":
+    main_wrapper(main)()
