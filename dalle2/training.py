@@ -126,17 +126,24 @@ def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
 
 
 class EMA:
-    """Exponential moving average of the weights, kept as a frozen deep copy (as in DiT)."""
+    """Exponential moving average of the weights, kept as a frozen deep copy (as in DiT).
+
+    With a step, the decay warms up as min(decay, (1 + step) / (10 + step)): a plain 0.9995
+    average is still ~60% initial weights after 1,000 steps (measured: a shapes32 decoder's EMA
+    sampled pure noise at step 912), so short runs would sample from an untrained mix."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: Optional[int]) -> float:
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
         ema_params = list(self.model.parameters())
         params = list(model.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -298,7 +305,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
-                    self.ema.update(self.model)
+                    self.ema.update(self.model, step)
                 loss = loss.detach().float()
                 bad |= ~torch.isfinite(loss)
                 loss_sum += loss

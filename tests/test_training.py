@@ -122,6 +122,8 @@ def test_ema_is_a_lerp_of_the_weights():
     ema.update(model)
     torch.testing.assert_close(ema.model.weight, 0.75 * before + 0.25 * model.weight)
     assert not any(p.requires_grad for p in ema.model.parameters())
+    # warm-up: early steps average fast, later ones at the configured decay
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10 ** 6) == 0.75
 
 
 class Evil:
