@@ -1,0 +1,209 @@
+"""Measure what the model draws: faithfulness to the caption, diversity, memorisation and
+distribution distance, written as a report folder.
+
+    python -m dalle2.evaluate --checkpoints runs [--split test | --prompts FILE] [--n 1] [--limit 500]
+                              [--out runs/report] [--guidance-scale 3] [--steps 50] [--seed 0]
+
+On shapes data an attribute reader (dalle2/reader.py) reads every generated image's objects, and each
+caption is scored: per-attribute accuracy, colour-shape binding, object count and image-level exact
+match, for seen and zero-shot held-out colour-shape pairs, on the test captions and on rephrased and
+partial prompt sets. The reader's own accuracy on real renders (its ceiling) is reported beside them.
+Diversity: CLIP-space spread of several samples per caption and the spread of object positions and
+sizes. Memorisation: share of samples whose nearest training image (CLIP space) is a near-duplicate.
+Distance: Frechet / kernel distances on the project's own CLIP image features (no download), plus the
+standard FID/KID when torchvision's Inception weights are already on the machine.
+
+Writes OUT/report.json (all figures), OUT/report.md (tables) and OUT/best_worst.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dalle2.cli import main_wrapper
+from dalle2.training import pick_device
+
+DIVERSITY_CAPTIONS = 16  # captions drawn several times for the diversity figures
+DIVERSITY_SAMPLES = 4
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float in [0, 1] -> uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def clip_features(clip, images_uint8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    from clip.evaluate import embed_images
+    return embed_images(clip, images_uint8, batch_size).cpu()
+
+
+def distances(gen_feats: torch.Tensor, real_feats: torch.Tensor, seed: int = 0) -> dict:
+    from dalle2.metrics import frechet_distance, kernel_distance
+    kid, kid_std = kernel_distance(gen_feats, real_feats, subsets=50, subset_size=min(1000, len(gen_feats)), seed=seed)
+    return {"clip_fd": frechet_distance(gen_feats, real_feats), "clip_kid": kid, "clip_kid_std": kid_std}
+
+
+def diversity(model, reader, captions: list[str], settings: dict, seed: int) -> dict:
+    """Spread of DIVERSITY_SAMPLES samples for each of the first DIVERSITY_CAPTIONS captions."""
+    from dalle2.metrics import mean_pairwise_distance, spread
+    caps = captions[:DIVERSITY_CAPTIONS]
+    images = model.generate(caps, n_per_text=DIVERSITY_SAMPLES, seed=seed + 1, **settings)
+    feats = clip_features(model.clip, to_uint8(images)).view(len(caps), DIVERSITY_SAMPLES, -1)
+    out = {"clip_pairwise_distance": sum(mean_pairwise_distance(f) for f in feats) / len(caps)}
+    if reader is not None:
+        found = reader.read(to_uint8(images))
+        geo = []  # (centre x, centre y, sqrt area) of the largest object, NaN when nothing was found
+        for objs in found:
+            if objs:
+                x1, y1, x2, y2 = objs[0]["bbox"]
+                geo.append([(x1 + x2) / 2, (y1 + y2) / 2, ((x2 - x1) * (y2 - y1)) ** 0.5])
+            else:
+                geo.append([float("nan")] * 3)
+        geo = torch.tensor(geo).view(len(caps), DIVERSITY_SAMPLES, 3)
+        spreads = [spread(g) for g in geo]
+        finite = [s for s in spreads if s == s]
+        out["object_geometry_spread_px"] = sum(finite) / len(finite) if finite else float("nan")
+    return out
+
+
+def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real_test: Optional[torch.Tensor] = None,
+                      real_train_feats: Optional[torch.Tensor] = None, n_per_text: int = 1, seed: int = 0,
+                      inception: Optional[str] = None, keep_images: bool = False) -> dict:
+    """Generate for every prompt set with the sampling `settings` (guidance_scale, steps, ...) and
+    measure. Returns {"settings", "sets": {name: {"faithfulness", ...}}, "diversity", "distance",
+    "memorisation", "seconds"} (+ "images" per set when keep_images)."""
+    from dalle2.faithfulness import evaluate as faithfulness
+    from dalle2.metrics import fid_kid, memorisation
+    t0 = time.perf_counter()
+    result = {"settings": dict(settings), "sets": {}}
+    test_images = None
+    for name, captions in prompt_sets.items():
+        images = model.generate(captions, n_per_text=n_per_text, seed=seed, progress=True, **settings)
+        rows = [c for c in captions for _ in range(n_per_text)]
+        entry = {"n_images": len(rows)}
+        if reader is not None:
+            scored = faithfulness(reader, to_uint8(images), rows)
+            entry["faithfulness"] = scored["summary"]
+            if keep_images:
+                entry["rows"], entry["heldout"] = scored["rows"], scored["heldout"]
+        if keep_images:
+            entry["images"], entry["captions"] = images, rows
+        result["sets"][name] = entry
+        if name == "test":
+            test_images = images
+    first = next(iter(prompt_sets.values()))
+    result["diversity"] = diversity(model, reader, list(dict.fromkeys(first)), settings, seed)
+    if test_images is not None and real_test is not None:
+        gen_u8 = to_uint8(test_images)
+        gen_feats = clip_features(model.clip, gen_u8)
+        result["distance"] = distances(gen_feats, clip_features(model.clip, real_test), seed)
+        standard = fid_kid(real_test, gen_u8, model.device, weights_path=inception)
+        if standard is not None:
+            result["distance"].update({"inception_fid": standard["fid"], "inception_kid": standard["kid_mean"]})
+        if real_train_feats is not None:
+            mem = memorisation(gen_feats, real_train_feats)
+            result["memorisation"] = {"nn_cosine_mean": mem["nn_cosine_mean"],
+                                      "near_duplicate_rate": mem["near_duplicate_rate"]}
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def reference_figures(clip, real_test: torch.Tensor, real_train: torch.Tensor, seed: int = 0) -> dict:
+    """What real data scores: train vs test distance (the floor a generator can reach with this many
+    samples) and the near-duplicate rate of real test images against the training set."""
+    from dalle2.metrics import memorisation
+    n = len(real_test)
+    g = torch.Generator().manual_seed(seed)
+    train_feats = clip_features(clip, real_train)
+    subset = train_feats[torch.randperm(len(train_feats), generator=g)[:n]]
+    test_feats = clip_features(clip, real_test)
+    mem = memorisation(test_feats, train_feats)
+    return {"train_vs_test": distances(subset, test_feats, seed),
+            "real_test_near_duplicate_rate": mem["near_duplicate_rate"],
+            "real_test_nn_cosine_mean": mem["nn_cosine_mean"]}, train_feats
+
+
+def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file: Optional[str], split: str,
+                    sets: list[str], reader_cache: Optional[str] = None):
+    """The model, the reader (shapes only), the prompt sets and the real images to compare with."""
+    from dalle2.unclip import DALLE2
+    from data.datasets import load_dataset
+    model = DALLE2.from_run(checkpoints).to(device).eval()
+    cfg = model.decoder.config
+    test = load_dataset(cfg.data, split, generate_missing=False)
+    train = load_dataset(cfg.data, "train", generate_missing=False)
+    n = min(limit or len(test), len(test))
+    prompt_sets = {}
+    if prompts_file:
+        from dalle2.cli import read_prompts
+        prompt_sets["prompts"] = read_prompts(prompts_file)[:n]
+    else:
+        prompt_sets["test"] = [test.caption_of(i) for i in range(n)]
+    reader = None
+    if cfg.data.dataset == "shapes":
+        from dalle2.faithfulness import prompt_sets as extra_sets
+        from dalle2.reader import AttributeReader
+        reader = AttributeReader.default(cfg.data.image_size, cache_dir=reader_cache, progress=True)
+        extra = extra_sets(seed=0, n=max(1, min(n, 240)))
+        for name in sets:
+            if name in extra:
+                prompt_sets[name] = extra[name]
+    real_test = test.images[:n]
+    g = torch.Generator().manual_seed(0)
+    real_train = train.images[torch.randperm(len(train), generator=g)[:min(len(train), 5000)]]
+    return model, reader, prompt_sets, real_test, real_train
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", default="runs", help="run folder with clip.pt, prior.pt, decoder.pt")
+    p.add_argument("--out", default=None, help="report folder (default: CHECKPOINTS/report)")
+    p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--prompts", default=None, help="evaluate these captions (one per line) instead of the split's")
+    p.add_argument("--sets", default="rephrased,partial", help="extra shapes prompt sets (comma-separated, or '')")
+    p.add_argument("--limit", type=int, default=None, help="at most this many captions per set "
+                   "(default: the whole split on GPU, 200 on CPU)")
+    p.add_argument("--n", type=int, default=1, help="samples per caption")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--prior-guidance-scale", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--prior-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--inception", default=None, help="path of torchvision Inception-v3 weights (optional)")
+    p.add_argument("--reader-cache", default=None, help="folder for the cached attribute reader")
+    args = p.parse_args(argv)
+    from dalle2.report import write_report
+    device = pick_device(args.device)
+    limit = args.limit or (None if device.type == "cuda" else 200)
+    model, reader, prompt_sets, real_test, real_train = load_everything(
+        args.checkpoints, device, limit, args.prompts, args.split, [s for s in args.sets.split(",") if s],
+        args.reader_cache)
+    settings = {k: v for k, v in dict(guidance_scale=args.guidance_scale, prior_guidance_scale=args.prior_guidance_scale,
+                                      steps=args.steps, prior_steps=args.prior_steps,
+                                      batch_size=args.batch_size).items() if v is not None}
+    report = {"checkpoints": str(args.checkpoints), "data": model.decoder.config.data.root,
+              "sampling": {**vars(model.sampling), **settings}, "device": str(device)}
+    if reader is not None:
+        from dalle2.reader import format_accuracy, reader_accuracy
+        report["reader_accuracy"] = reader_accuracy(reader, n=1000, seed=123)
+        print(format_accuracy(report["reader_accuracy"]))
+    report["reference"], train_feats = reference_figures(model.clip, real_test, real_train, args.seed)
+    result = evaluate_settings(model, reader, prompt_sets, settings, real_test=real_test, real_train_feats=train_feats,
+                               n_per_text=args.n, seed=args.seed, inception=args.inception, keep_images=True)
+    report.update(result)
+    out = Path(args.out) if args.out else Path(args.checkpoints) / "report"
+    write_report(report, out, reader)
+    print((out / "report.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main_wrapper(main)()

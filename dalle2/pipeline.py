@@ -1,0 +1,105 @@
+"""The whole pipeline in one command: data, CLIP, prior, decoder, evaluation, sample grids.
+
+    python -m dalle2.pipeline --preset tiny --out runs/tiny      # ~15 minutes on a 2-core CPU
+    python -m dalle2.pipeline                                   # shapes32 on a GPU
+    python -m dalle2.pipeline --preset tiny --set clip.train.steps=50 --out /tmp/quick
+
+Each stage is resumable and a finished stage (OUT/<stage>.pt present, same model config) is skipped,
+so running the command again after an interruption continues where it stopped. Writes:
+    OUT/clip.pt, OUT/prior.pt, OUT/decoder.pt     the three models (+ OUT/<stage>/ logs)
+    OUT/samples/grid.png                          samples for a few test captions
+    OUT/report/                                   the evaluation report (report.md, report.json, pictures)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from dalle2.checkpoint import load_checkpoint
+from dalle2.cli import main_wrapper
+from dalle2.config import add_config_args, config_from_args
+from dalle2.training import TrainingError
+
+STAGES = ("clip", "prior", "decoder")
+
+
+def _stage_done(out: Path, stage: str, cfg) -> bool:
+    path = out / f"{stage}.pt"
+    if not path.exists():
+        return False
+    saved = load_checkpoint(path, stage)["config"]
+    if saved[stage]["model"] != cfg.to_dict()[stage]["model"]:
+        raise TrainingError(f"{path}: was trained with another {stage}.model config than --preset {cfg.preset} "
+                            f"asks for; use another --out, or delete it to retrain")
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--out", default="runs", help="run folder (default: runs/)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-n", type=int, default=None, help="captions to evaluate (default: whole test split, "
+                   "at most 500 on CPU)")
+    p.add_argument("--skip-eval", action="store_true", help="train and sample only")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)  # validate everything before any work starts
+    out = Path(args.out)
+    common = ["--out", str(out), "--device", args.device, "--quiet"]
+    if args.config:
+        common += ["--config", args.config]
+    common += ["--preset", cfg.preset] + [x for o in args.overrides for x in ("--set", o)]
+    print(f"pipeline: preset {cfg.preset}, data {cfg.data.dataset} at {cfg.data.root}, run folder {out}")
+    t_all = time.perf_counter()
+    timings = {}
+
+    from clip.train import main as train_clip
+    from dalle2.train_decoder import main as train_decoder
+    from dalle2.train_prior import main as train_prior
+    steps = {"clip": train_clip, "prior": train_prior, "decoder": train_decoder}
+    for i, stage in enumerate(STAGES, 1):
+        t0 = time.perf_counter()
+        if _stage_done(out, stage, cfg):
+            print(f"[{i}/5] {stage}: already trained ({out / f'{stage}.pt'}), skipped")
+            continue
+        print(f"[{i}/5] {stage}: training ({getattr(cfg, stage).train.steps} steps)")
+        steps[stage](common + ["--resume"])
+        timings[stage] = time.perf_counter() - t0
+        print(f"[{i}/5] {stage}: done in {timings[stage]:.0f} s -> {out / f'{stage}.pt'}")
+
+    t0 = time.perf_counter()
+    from dalle2.images import write_samples
+    from dalle2.training import pick_device
+    from dalle2.unclip import DALLE2
+    from data.datasets import load_dataset
+    test = load_dataset(cfg.data, "test", generate_missing=False)
+    captions = list(dict.fromkeys(test.caption_of(i) for i in range(len(test))))[:8]
+    model = DALLE2.from_run(out).to(pick_device(args.device))
+    write_samples(model.to_pil(model.generate(captions, n_per_text=2, seed=0, progress=True)), captions,
+                  out / "samples", n_per_text=2)
+    del model
+    print(f"[4/5] samples: {out / 'samples' / 'grid.png'} ({time.perf_counter() - t0:.0f} s)")
+
+    report = None
+    if not args.skip_eval:
+        t0 = time.perf_counter()
+        from dalle2 import evaluate
+        eval_args = ["--checkpoints", str(out), "--out", str(out / "report"), "--device", args.device]
+        if args.eval_n:
+            eval_args += ["--limit", str(args.eval_n)]
+        report = evaluate.main(eval_args)
+        print(f"[5/5] evaluation: {out / 'report' / 'report.md'} ({time.perf_counter() - t0:.0f} s)")
+
+    print(f"\npipeline finished in {time.perf_counter() - t_all:.0f} s. Results in {out}/:")
+    for stage in STAGES:
+        print(f"  {stage + '.pt':<12} {out / f'{stage}.pt'}  (logs: {out / stage}/metrics.jsonl)")
+    print(f"  {'samples':<12} {out / 'samples'}/grid.png")
+    if report is not None:
+        print(f"  {'report':<12} {out / 'report'}/report.md")
+    print(f"Draw your own: python sample.py \"a large gold pentagon and a small blue circle\" --checkpoints {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main_wrapper(main)()

@@ -1,0 +1,160 @@
+"""Writing evaluation results for people: report.json, report.md, a best/worst picture, and the
+sweep's plot (drawn with Pillow, so plots add no dependency)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .images import captioned_grid, save_image_atomic, to_pil
+
+ATTRS = ("colour", "shape", "size", "position", "binding", "count", "exact")
+
+
+def _plain(obj):
+    """JSON-ready copy: tensors, per-image rows and images dropped."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items() if k not in ("images", "rows", "heldout", "captions")}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() < 64 else None
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def faithfulness_table(sets: dict) -> list[str]:
+    lines = ["| prompts | split | n | " + " | ".join(ATTRS) + " |", "|---|---|---|" + "---|" * len(ATTRS)]
+    for name, entry in sets.items():
+        for split, s in (entry.get("faithfulness") or {}).items():
+            if s["n"]:
+                lines.append(f"| {name} | {split} | {s['n']} | " + " | ".join(_fmt(s[a]) for a in ATTRS) + " |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    out = [f"# Evaluation report: `{report['checkpoints']}`", ""]
+    s = report.get("sampling", {})
+    out += [f"Sampling: {', '.join(f'{k}={v}' for k, v in s.items())}. Device: {report.get('device')}.", ""]
+    acc = report.get("reader_accuracy")
+    if acc:
+        out += ["## Attribute reader on real renders (the ceiling of every faithfulness figure)", "",
+                "| objects | n | detected | colour | shape | size | position |", "|---|---|---|---|---|---|---|"]
+        for g in ("all", "small", "medium", "large"):
+            r = acc[g]
+            out.append(f"| {g} | {r['n']} | " + " | ".join(_fmt(r[k]) for k in ("detected", "colour", "shape", "size", "position")) + " |")
+        out += ["", f"Object count right on {acc['count']:.3f} of {acc['n_images']} rendered images.", ""]
+    if any(e.get("faithfulness") for e in report["sets"].values()):
+        out += ["## Faithfulness of generated images", "",
+                "Per-attribute accuracy over stated attributes; binding over two-object captions; count and exact "
+                "match per image (exact: everything stated is right and nothing extra is drawn). `heldout`: "
+                "captions naming a zero-shot colour-shape pair never seen in training.", ""]
+        out += faithfulness_table(report["sets"]) + [""]
+    div = report.get("diversity") or {}
+    dist, mem, ref = report.get("distance") or {}, report.get("memorisation") or {}, report.get("reference") or {}
+    out += ["## Diversity, memorisation, distance", "", "| figure | generated | real data reference |", "|---|---|---|"]
+    out.append(f"| CLIP pairwise distance of samples of one caption | {_fmt(div.get('clip_pairwise_distance'))} | - |")
+    if "object_geometry_spread_px" in div:
+        out.append(f"| spread of object centre/size of one caption (px, 128 canvas) | {_fmt(div['object_geometry_spread_px'])} | - |")
+    ref_dist = ref.get("train_vs_test", {})
+    for key, label in (("clip_fd", "Frechet distance, CLIP features"), ("clip_kid", "kernel distance, CLIP features"),
+                       ("inception_fid", "FID (torchvision Inception)"), ("inception_kid", "KID (torchvision Inception)")):
+        if key in dist:
+            out.append(f"| {label} (vs real test) | {_fmt(dist[key])} | {_fmt(ref_dist.get(key))} (train vs test) |")
+    if mem:
+        out.append(f"| near-duplicate of a training image (CLIP cosine >= 0.95) | {_fmt(mem['near_duplicate_rate'])} | "
+                   f"{_fmt(ref.get('real_test_near_duplicate_rate'))} (real test images) |")
+        out.append(f"| mean cosine to the nearest training image | {_fmt(mem['nn_cosine_mean'])} | "
+                   f"{_fmt(ref.get('real_test_nn_cosine_mean'))} |")
+    if "inception_fid" not in dist:
+        out += ["", "Standard FID/KID: skipped (no torchvision Inception-v3 weights on this machine; pass --inception PATH)."]
+    out += ["", f"Time: {report.get('seconds', 0):.0f} s. Pictures: `best_worst.png`."]
+    return "\n".join(out) + "\n"
+
+
+def _describe(objs) -> str:
+    return ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in objs) or "nothing"
+
+
+def best_worst(entry: dict, reader, k: int = 8) -> Image.Image | None:
+    """Grid: top row the k best-scored samples, bottom row the k worst, with caption and what the
+    reader saw."""
+    rows, images, captions = entry.get("rows"), entry.get("images"), entry.get("captions")
+    if not rows or images is None:
+        return None
+    def score(r):
+        stated = sum(r[a][1] for a in ("colour", "shape", "size", "position"))
+        right = sum(r[a][0] for a in ("colour", "shape", "size", "position"))
+        return (r["exact"], right / stated if stated else 0.0)
+    order = sorted(range(len(rows)), key=lambda i: score(rows[i]), reverse=True)
+    k = min(k, max(1, len(order) // 2))
+    picks = order[:k] + order[-k:]
+    u8 = (images[picks].clamp(0, 1) * 255).round().to(torch.uint8)
+    seen = reader.read(u8) if reader is not None else [[] for _ in picks]
+    labels = [f"[{'ok' if rows[i]['exact'] else 'wrong'}] {captions[i]} | saw: {_describe(s)}" for i, s in zip(picks, seen)]
+    return captioned_grid([to_pil(x) for x in images[picks]], labels, cols=k, scale=4)
+
+
+def write_report(report: dict, out: str | os.PathLike, reader=None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(_plain(report), indent=2))
+    os.replace(tmp, out / "report.json")
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(markdown(report))
+    os.replace(tmp, out / "report.md")
+    grid = best_worst(next(iter(report["sets"].values()), {}), reader)
+    if grid is not None:
+        save_image_atomic(grid, out / "best_worst.png")
+    return out
+
+
+def scatter_plot(panels: list[dict], path: str | os.PathLike, size=(460, 360)) -> Path:
+    """Side-by-side scatter panels drawn with Pillow. Each panel: {"title", "xlabel", "ylabel",
+    "points": [(x, y, label)], "highlight": index or None}."""
+    w, h = size
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 60, 20, 30, 50
+    for p_i, panel in enumerate(panels):
+        ox = p_i * w
+        pts = [(x, y, lab) for x, y, lab in panel["points"] if x == x and y == y]
+        draw.text((ox + left, 8), panel["title"], fill="black", font=font)
+        x0, y0, x1, y1 = ox + left, top, ox + w - right, h - bottom
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((ox + (w - 6 * len(panel["xlabel"])) // 2, h - 22), panel["xlabel"], fill="black", font=font)
+        draw.text((ox + 4, top - 20), panel["ylabel"], fill="black", font=font)
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xlo, xhi = min(xs), max(xs)
+        ylo, yhi = min(ys), max(ys)
+        xpad, ypad = (xhi - xlo) * 0.1 or 0.5, (yhi - ylo) * 0.1 or 0.05
+        xlo, xhi, ylo, yhi = xlo - xpad, xhi + xpad, ylo - ypad, yhi + ypad
+        sx = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)
+        sy = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)
+        for t in range(5):  # axis ticks
+            xv, yv = xlo + (xhi - xlo) * t / 4, ylo + (yhi - ylo) * t / 4
+            draw.text((sx(xv) - 12, y1 + 4), f"{xv:.3g}", fill="gray", font=font)
+            draw.text((x0 - 44, sy(yv) - 5), f"{yv:.3g}", fill="gray", font=font)
+        for i, (x, y, lab) in enumerate(pts):
+            r = 5 if i == panel.get("highlight") else 3
+            colour = "red" if i == panel.get("highlight") else "navy"
+            draw.ellipse([sx(x) - r, sy(y) - r, sx(x) + r, sy(y) + r], fill=colour)
+            draw.text((sx(x) + 6, sy(y) - 6), lab, fill=colour, font=font)
+    return save_image_atomic(img, path)

@@ -1,0 +1,102 @@
+"""Guidance sweep: sample at several guidance scales (and step counts), evaluate each, plot
+faithfulness against diversity and distance, and recommend a setting.
+
+    python -m dalle2.sweep --checkpoints runs --guidance 1,2,3,5 [--prior-guidance 1] [--steps 50]
+                           [--limit 200] [--out runs/sweep]
+
+Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. The recommended setting has the highest
+image-level exact match on the test captions (shapes data; ties: lower CLIP Frechet distance); on data
+without an attribute reader it is the lowest CLIP Frechet distance.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from pathlib import Path
+
+from dalle2.cli import main_wrapper
+from dalle2.evaluate import evaluate_settings, load_everything, reference_figures
+from dalle2.training import pick_device
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def exact_match(result: dict):
+    faith = next(iter(result["sets"].values())).get("faithfulness")
+    return faith["all"]["exact"] if faith else None
+
+
+def recommend(results: list[dict]) -> int:
+    def key(i):
+        r = results[i]
+        em = exact_match(r)
+        fd = r.get("distance", {}).get("clip_fd", float("inf"))
+        return (em if em is not None else -1.0, -fd)
+    return max(range(len(results)), key=key)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", default="runs")
+    p.add_argument("--out", default=None, help="default: CHECKPOINTS/sweep")
+    p.add_argument("--guidance", default="1,2,3,5", help="decoder guidance scales")
+    p.add_argument("--prior-guidance", default="1", help="prior guidance scales")
+    p.add_argument("--steps", default="50", help="decoder step counts")
+    p.add_argument("--limit", type=int, default=None, help="test captions per setting (default 500 on GPU, 64 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--reader-cache", default=None)
+    args = p.parse_args(argv)
+    from dalle2.report import scatter_plot
+    device = pick_device(args.device)
+    limit = args.limit or (500 if device.type == "cuda" else 64)
+    model, reader, prompt_sets, real_test, real_train = load_everything(
+        args.checkpoints, device, limit, None, "test", [], args.reader_cache)
+    _, train_feats = reference_figures(model.clip, real_test, real_train, args.seed)
+    grid = list(itertools.product(_floats(args.guidance), _floats(args.prior_guidance),
+                                  [int(s) for s in args.steps.split(",") if s.strip()]))
+    results = []
+    for i, (g, pg, steps) in enumerate(grid, 1):
+        settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps}
+        print(f"[{i}/{len(grid)}] {settings}")
+        r = evaluate_settings(model, reader, prompt_sets, settings, real_test=real_test,
+                              real_train_feats=train_feats, seed=args.seed)
+        results.append(r)
+        print(f"    exact match {exact_match(r)}, CLIP FD {r['distance']['clip_fd']:.4f}, "
+              f"diversity {r['diversity']['clip_pairwise_distance']:.4f}")
+    best = recommend(results)
+    out = Path(args.out) if args.out else Path(args.checkpoints) / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [f"g{r['settings']['guidance_scale']:g}/p{r['settings']['prior_guidance_scale']:g}/s{r['settings']['steps']}"
+              for r in results]
+    em = [exact_match(r) if exact_match(r) is not None else float("nan") for r in results]
+    div = [r["diversity"]["clip_pairwise_distance"] for r in results]
+    fd = [r["distance"]["clip_fd"] for r in results]
+    y_label = "exact match" if reader is not None else "CLIP FD"
+    ys = em if reader is not None else fd
+    scatter_plot([
+        {"title": f"{y_label} vs diversity", "xlabel": "CLIP pairwise distance (diversity)", "ylabel": y_label,
+         "points": list(zip(div, ys, labels)), "highlight": best},
+        {"title": f"{y_label} vs distance to real", "xlabel": "CLIP Frechet distance", "ylabel": y_label,
+         "points": list(zip(fd, ys, labels)), "highlight": best},
+    ], out / "sweep.png")
+    summary = {"recommended": results[best]["settings"], "results": [
+        {"settings": r["settings"], "exact_match": exact_match(r), "diversity": r["diversity"],
+         "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]} for r in results]}
+    tmp = out / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "sweep.json")
+    lines = ["| setting | exact match | CLIP FD | diversity |", "|---|---|---|---|"]
+    lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {f:.4f} | {d:.4f} |"
+              for i, (lab, e, f, d) in enumerate(zip(labels, em, fd, div))]
+    (out / "sweep.md").write_text("# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
+    print("\n".join(lines) + f"\nrecommended: {results[best]['settings']} -> {out}/sweep.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main_wrapper(main)()
