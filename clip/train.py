@@ -10,7 +10,7 @@ metrics.jsonl, checkpoint.pt}; evaluates retrieval on the test split at the end.
 """
 from __future__ import annotations
 
-from clip.evaluate import evaluate_clip, format_table
+from clip.evaluate import evaluate_clip
 from clip.model import build_clip
 from dalle2.cli import load_and_print_config, main_wrapper, training_parser
 from dalle2.tokenizer import Tokenizer
@@ -47,9 +47,7 @@ def main(argv=None):
         def evaluate(m, step):
             return evaluate_clip(m, test)
 
-        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit and args.time_limit * 60, evaluate=evaluate)
-        if dist.is_main and trainer.last_eval:
-            print(f"CLIP on {test.name} (step {trainer.step}):\n{format_table(trainer.last_eval)}")
+        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit, evaluate=evaluate)
     finally:
         cleanup_distributed()
 

@@ -91,7 +91,7 @@ def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real_
             scored = faithfulness(reader, to_uint8(images), rows)
             entry["faithfulness"] = scored["summary"]
             if keep_images:
-                entry["rows"], entry["heldout"] = scored["rows"], scored["heldout"]
+                entry["rows"], entry["heldout_flags"] = scored["rows"], scored["heldout"]
         if keep_images:
             entry["images"], entry["captions"] = images, rows
         result["sets"][name] = entry

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from clip.evaluate import format_table, heldout_mask
+from clip.evaluate import heldout_mask
+from dalle2.report import format_table
 from dalle2.cli import main_wrapper
 from dalle2.config import apply_overrides
 from dalle2.embeddings import Embeddings, check_same_clip, load_clip_for_stage, load_or_compute

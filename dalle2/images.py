@@ -106,6 +106,9 @@ def save_image_atomic(img: Image.Image, path) -> Path:
     os.close(fd)
     try:
         img.save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -18,7 +18,7 @@ ATTRS = ("colour", "shape", "size", "position", "binding", "count", "exact")
 def _plain(obj):
     """JSON-ready copy: tensors, per-image rows and images dropped."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items() if k not in ("images", "rows", "heldout", "captions")}
+        return {k: _plain(v) for k, v in obj.items() if k not in ("images", "rows", "heldout_flags", "captions")}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, torch.Tensor):
@@ -34,6 +34,13 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def format_table(result: dict) -> str:
+    rows = [f"{'metric':<26}{'value':>10}", "-" * 36]
+    for k, v in result.items():
+        rows.append(f"{k:<26}{v:>10.4f}" if isinstance(v, float) else f"{k:<26}{v:>10}")
+    return "\n".join(rows)
 
 
 def faithfulness_table(sets: dict) -> list[str]:

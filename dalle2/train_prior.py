@@ -13,7 +13,6 @@ from dalle2.embeddings import prepare_stage
 from dalle2.evaluate_prior import evaluate_prior
 from dalle2.prior import build_prior
 from dalle2.training import Trainer, cleanup_distributed
-from clip.evaluate import format_table
 from data.datasets import StepBatches
 
 
@@ -42,9 +41,7 @@ def main(argv=None):
                                   candidates=cfg.sampling.candidates,
                                   guidance_scale=cfg.sampling.prior_guidance_scale, seed=0)
 
-        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit and args.time_limit * 60, evaluate=evaluate)
-        if dist.is_main and trainer.last_eval:
-            print(f"prior on {test.name} (step {trainer.step}):\n{format_table(trainer.last_eval)}")
+        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit, evaluate=evaluate)
     finally:
         cleanup_distributed()
 

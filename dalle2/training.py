@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from .config import Config, TrainConfig, save_config
+from .report import format_table
 
 
 class TrainingError(Exception):
@@ -269,8 +270,9 @@ class Trainer:
             sample: Optional[Callable[[nn.Module, int], None]] = None,
             time_limit: Optional[float] = None) -> nn.Module:
         """Train to tc.steps; returns the eval model (EMA when on). `evaluate(model, step) -> dict`
-        and `sample(model, step)` run on rank 0 at their intervals and at the end. `time_limit`
-        (seconds): finish early, as if the last step were reached (final checkpoint, evaluation),
+        and `sample(model, step)` run on rank 0 at their intervals and at the end (the final
+        evaluation is printed as a table). `time_limit` (minutes): finish early, as if the last step
+        were reached (final checkpoint, evaluation),
         once that much time has passed; the LR schedule is not rescaled."""
         tc, dev = self.tc, self.device
         if self.dist.is_main:
@@ -312,7 +314,7 @@ class Trainer:
                 n_logged += 1
                 self.step = step + 1
                 bar.update(1)
-                out_of_time = time_limit is not None and time.perf_counter() - t_start > time_limit
+                out_of_time = time_limit is not None and time.perf_counter() - t_start > 60 * time_limit
                 if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
                     flag = torch.tensor(float(out_of_time), device=dev)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -348,7 +350,7 @@ class Trainer:
             self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {tc.steps}")
         self.save(final=True)
         if evaluate is not None:
-            self._run_callback(evaluate, "eval")
+            self._run_callback(evaluate, "eval", final=True)
         if sample is not None:
             self._run_callback(sample, "sample")
         self.print(f"[{self.stage}] done: {self.final_path}")
@@ -365,7 +367,7 @@ class Trainer:
         if callback is not None and every > 0 and self.step % every == 0:
             self._run_callback(callback, what)
 
-    def _run_callback(self, callback, what: str) -> None:
+    def _run_callback(self, callback, what: str, final: bool = False) -> None:
         if self.dist.is_main:
             model = self.eval_model
             was_training = model.training
@@ -376,7 +378,10 @@ class Trainer:
             if what == "eval" and result:
                 self.last_eval = result
                 self.log({"step": self.step, "eval": result})
-                self.print(f"[{self.stage}] step {self.step} eval: "
-                           + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+                if final:
+                    self.print(f"[{self.stage}] evaluation at step {self.step}:\n{format_table(result)}")
+                else:
+                    self.print(f"[{self.stage}] step {self.step} eval: " + ", ".join(
+                        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
         if self.dist.world_size > 1:
             dist.barrier()

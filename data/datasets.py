@@ -301,9 +301,9 @@ def file_stamp(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # shapes (shared/SHAPES_SPEC.md): DIR/<split>/metadata.jsonl + PNGs.
 
-def read_metadata(path: Path) -> list:
-    """Read a shapes metadata.jsonl: one JSON object per line with at least "file" and "caption"."""
-    records = []
+def jsonl_objects(path: Path):
+    """Yield (line number, object) for each non-blank line of a JSONL file; a line that is not a
+    JSON object is a DatasetError naming the file and line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -315,8 +315,17 @@ def read_metadata(path: Path) -> list:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) \
-                or not isinstance(rec.get("caption"), str) or not rec["caption"].strip():
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{path}, line {lineno}: expected a JSON object")
+        yield lineno, rec
+
+
+def read_metadata(path: Path) -> list:
+    """Read a shapes metadata.jsonl: one JSON object per line with at least "file" and "caption"."""
+    records = []
+    for lineno, rec in jsonl_objects(path):
+        if not isinstance(rec.get("file"), str) or not isinstance(rec.get("caption"), str) \
+                or not rec["caption"].strip():
             raise DatasetError(f"{path}, line {lineno}: expected an object with a \"file\" and a "
                                f"non-empty \"caption\" string")
         records.append(rec)
@@ -392,17 +401,8 @@ def read_captions_file(path: Path) -> list:
                 for row in reader:
                     rows.append((reader.line_num, row.get("image"), row.get("caption"), row.get("split")))
         else:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DatasetError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict):
-                        raise DatasetError(f"{path}, line {lineno}: expected a JSON object")
-                    rows.append((lineno, rec.get("image", rec.get("file")), rec.get("caption"), rec.get("split")))
+            for lineno, rec in jsonl_objects(path):
+                rows.append((lineno, rec.get("image", rec.get("file")), rec.get("caption"), rec.get("split")))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"cannot read captions file {path}: {e}") from e
     if not rows:

@@ -23,6 +23,18 @@ def tiny_overrides(root, n_train: int = 64, n_test: int = 16, steps: int = 6) ->
     return [x for s in sets for x in ("--set", s)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches (the attribute reader's weights) go to a temporary folder, never the user's home."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A complete tiny run folder (clip.pt, prior.pt, decoder.pt), trained once per test session.

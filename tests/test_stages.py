@@ -120,3 +120,16 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert ckpt["step"] == 4
     lines = (tmp_path / "run" / "clip" / "metrics.jsonl").read_text().splitlines()
     assert len([l for l in lines if '"loss"' in l]) == 4  # rank 0 alone logs
+
+
+def test_clip_on_a_fake_cifar10_folder_reports_zero_shot_accuracy(tmp_path):
+    from clip.evaluate import main as eval_clip
+    from clip.train import main as train_clip
+    from test_datasets import write_fake_cifar
+    write_fake_cifar(tmp_path / "cifar", per_batch=6, n_test=12)
+    sets = ["data.dataset=cifar10", f"data.root={tmp_path / 'cifar'}", "clip.train.steps=3",
+            "clip.train.batch_size=8", "clip.train.warmup_steps=1", "clip.model.embed_dim=32",
+            "clip.model.vision_width=32", "clip.model.text_width=32"]
+    train_clip(["--preset", "tiny", "--quiet", "--out", str(tmp_path / "run"), *[x for s in sets for x in ("--set", s)]])
+    result = eval_clip(["--checkpoint", str(tmp_path / "run" / "clip.pt")])
+    assert 0.0 <= result["zero_shot_accuracy"] <= 1.0 and result["n_images"] == 12

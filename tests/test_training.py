@@ -133,7 +133,7 @@ class Evil:
 
 def test_checkpoints_never_run_code_and_bad_files_get_one_line_errors(tmp_path):
     evil = tmp_path / "evil.pt"
-    torch.save({"stage": "clip", "model": {}, "payload": Evil()}, evil)
+    torch.save({"stage": "clip", "model": {}, "payload": Evil()}, evil, pickle_protocol=2)
     with pytest.raises(CheckpointError, match="evil.pt"):
         load_checkpoint(evil)
     good = tmp_path / "good.pt"

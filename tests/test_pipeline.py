@@ -1,0 +1,32 @@
+"""The one-command pipeline end to end on an even smaller tiny run, then the guidance sweep on it."""
+import json
+
+from conftest import tiny_overrides
+from dalle2.pipeline import main as pipeline
+from dalle2.sweep import main as sweep
+
+
+def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--out", str(out), "--eval-n", "8", *tiny_overrides(tmp_path / "shapes")]
+    pipeline(argv)
+    for name in ("clip.pt", "prior.pt", "decoder.pt", "samples/grid.png", "report/report.md",
+                 "report/report.json", "report/best_worst.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report" / "report.json").read_text())
+    faith = report["sets"]["test"]["faithfulness"]
+    assert set(faith) == {"all", "seen", "heldout"} and faith["all"]["n"] == 8
+    for key in ("exact", "count", "colour", "shape"):
+        assert 0.0 <= faith["all"][key] <= 1.0
+    assert report["reader_accuracy"]["all"]["colour"] > 0.97  # the reader's ceiling is reported
+    assert {"clip_fd", "clip_kid"} <= set(report["distance"]) and "near_duplicate_rate" in report["memorisation"]
+    assert "rephrased" in report["sets"] and "partial" in report["sets"]
+    capsys.readouterr()
+
+    pipeline(argv + ["--skip-eval"])  # everything trained: every stage is skipped
+    text = capsys.readouterr().out
+    assert text.count("already trained") == 3
+
+    summary = sweep(["--checkpoints", str(out), "--guidance", "1,3", "--steps", "4", "--limit", "8"])
+    assert len(summary["results"]) == 2 and summary["recommended"]["guidance_scale"] in (1.0, 3.0)
+    assert (out / "sweep" / "sweep.png").is_file() and (out / "sweep" / "sweep.json").is_file()
