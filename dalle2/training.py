@@ -172,15 +172,13 @@ class Trainer:
     """Trains `model` (which has `.loss(**batch)`) for `train_cfg.steps` steps, writing the run folder."""
 
     def __init__(self, stage: str, cfg: Config, train_cfg: TrainConfig, model: nn.Module, out: str | Path,
-                 *, tokenizer=None, extra: Optional[dict] = None, dist_info: Optional[DistInfo] = None,
-                 model_key: Optional[str] = None):
+                 *, tokenizer=None, extra: Optional[dict] = None, dist_info: Optional[DistInfo] = None):
         self.stage, self.cfg, self.tc = stage, cfg, train_cfg
         self.dist = dist_info or DistInfo()
         self.device = self.dist.device
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.extra = dict(extra or {})
-        self.model_key = model_key or stage  # config section that must match on resume
         self.out = Path(out)
         self.run_dir = self.out / stage
         self.final_path = self.out / f"{stage}.pt"
@@ -230,7 +228,7 @@ class Trainer:
             return False
         ckpt = load_checkpoint(self.resume_path, stage=self.stage)
         saved, now = ckpt["config"], asdict(self.cfg)
-        checks = [(f"{self.model_key}.model", now[self.model_key]["model"], saved.get(self.model_key, {}).get("model")),
+        checks = [(f"{self.stage}.model", now[self.stage]["model"], saved.get(self.stage, {}).get("model")),
                   ("data.image_size", now["data"]["image_size"], saved.get("data", {}).get("image_size")),
                   ("the CLIP it was built on", self.extra.get("clip_hash"), (ckpt.get("extra") or {}).get("clip_hash"))]
         for what, current, then in checks:
@@ -361,7 +359,7 @@ class Trainer:
             raise TrainingError(
                 f"[{self.stage}] the loss became NaN/inf before step {self.step}; the last good checkpoint "
                 f"({self.resume_path if self.resume_path.exists() else 'none yet'}) is kept. Try a lower "
-                f"--set {self.model_key}.train.lr or precision=fp32, then --resume.")
+                f"--set {self.stage}.train.lr or precision=fp32, then --resume.")
 
     def _maybe(self, callback, every: int, what: str) -> None:
         if callback is not None and every > 0 and self.step % every == 0:

@@ -15,7 +15,7 @@ def test_default_preset_is_shapes32_and_floats_are_floats():
 
 
 def test_every_preset_loads():
-    for preset in ("tiny", "shapes32", "positions", "cifar10"):
+    for preset in ("tiny", "shapes32", "positions", "shapes64", "cifar10"):
         assert load_config(preset=preset).preset == preset
 
 
