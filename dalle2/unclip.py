@@ -49,6 +49,10 @@ class DALLE2(nn.Module):
                 where = getattr(model, "checkpoint_path", name)
                 raise CheckpointError(f"{where}: this {name} was trained on CLIP {want}, but the CLIP given is "
                                       f"{have} ({getattr(clip, 'checkpoint_path', 'in memory')}); they do not fit together")
+        for name, dim in (("prior", prior.embed_dim), ("decoder", decoder.unet.embed_dim)):
+            if dim != clip.embed_dim:
+                raise CheckpointError(f"the {name} works on {dim}-dim CLIP embeddings, the CLIP given makes "
+                                      f"{clip.embed_dim}-dim ones; they do not fit together")
         self.clip, self.prior, self.decoder = clip.eval(), prior.eval(), decoder.eval()
         self.tokenizer = clip.tokenizer
         if sampling is None:  # the sampling defaults saved with the decoder, else the library's
