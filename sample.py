@@ -41,6 +41,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off for many images)")
     args = p.parse_args(argv)
 
     captions = list(args.captions) + (read_prompts(args.prompts) if args.prompts else [])
@@ -54,6 +55,8 @@ def main(argv=None):
     from dalle2 import DALLE2
     from dalle2.images import write_samples
     model = DALLE2.from_run(args.checkpoints).to(pick_device(args.device))
+    if args.compile:
+        model.compile()
     images = model.generate(captions, n_per_text=args.n, guidance_scale=args.guidance_scale,
                             prior_guidance_scale=args.prior_guidance_scale, steps=args.steps,
                             prior_steps=args.prior_steps, sampler=args.sampler, seed=args.seed,

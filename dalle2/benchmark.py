@@ -74,6 +74,7 @@ def main(argv=None):
     p.add_argument("--prior-steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="time DALLE2.compile()d networks (CUDA graphs on GPU)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     if args.checkpoints:
@@ -85,6 +86,9 @@ def main(argv=None):
         model = random_pipeline(cfg, device)
         source = f"preset {cfg.preset} (random weights)"
     model.eval()
+    if args.compile:
+        model.compile()
+        source += ", compiled"
     n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6 for name in ("clip", "prior", "decoder")}
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"pipeline: {source}; {model.image_size}px; parameters (M): "

@@ -90,6 +90,16 @@ class DALLE2(nn.Module):
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
+    def compile(self, mode: Optional[str] = None) -> "DALLE2":
+        """torch.compile the prior network and the decoder UNet in place, for sampling speed. Default
+        mode: "reduce-overhead" on CUDA (CUDA graphs: one image is launch-bound, ~45k kernel launches
+        for 50+50 steps measured on an H200) and "default" on CPU. The first call compiles (slow).
+        Compiled stages are for sampling; save checkpoints from uncompiled models."""
+        mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        self.prior.net = torch.compile(self.prior.net, mode=mode)
+        self.decoder.unet = torch.compile(self.decoder.unet, mode=mode)
+        return self
+
     def val_mode(self) -> "DALLE2":
         """Evaluation mode for all three stages (the seed README's name for .eval())."""
         return self.eval()

@@ -108,3 +108,10 @@ def test_stages_from_different_clips_do_not_fit_together(tiny_run, tmp_path):
     clip.checkpoint_hash = "0123456789abcdef"  # as if another CLIP had been loaded
     with pytest.raises(CheckpointError, match="trained on CLIP"):
         DALLE2(clip, DiffusionPrior.from_checkpoint(run / "prior.pt"), Decoder.from_checkpoint(run / "decoder.pt"))
+
+
+def test_compiled_sampling_matches_eager(tiny_run):
+    model = DALLE2.from_run(tiny_run[0]).val_mode()
+    eager = model.generate(["a red circle"], steps=2, prior_steps=2, seed=0)
+    compiled = model.compile().generate(["a red circle"], steps=2, prior_steps=2, seed=0)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
