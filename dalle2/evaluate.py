@@ -18,7 +18,6 @@ Writes OUT/report.json (all figures), OUT/report.md (tables) and OUT/best_worst.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -154,6 +153,13 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
         for name in sets:
             if name in extra:
                 prompt_sets[name] = extra[name]
+        if prompts_file:  # the reader can only score captions in the shapes vocabulary
+            from dalle2.faithfulness import parse_caption
+            for caption in prompt_sets["prompts"]:
+                try:
+                    parse_caption(caption)
+                except ValueError as e:
+                    raise SystemExit(f"error: {prompts_file}: cannot score {caption!r}: {e}")
     real_test = test.images[:n]
     g = torch.Generator().manual_seed(0)
     real_train = train.images[torch.randperm(len(train), generator=g)[:min(len(train), 5000)]]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
+from .checkpoint import FORMAT, atomic_torch_save, load_checkpoint
 from .config import Config, TrainConfig, save_config
 from .report import format_table
 
@@ -187,7 +187,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, train_cfg)
         self.ema = EMA(self.model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.step = 0
-        self.last_eval: Optional[dict] = None
         objective = _Objective(self.model)
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -374,7 +373,6 @@ class Trainer:
                 result = callback(model, self.step)
             model.train(was_training)
             if what == "eval" and result:
-                self.last_eval = result
                 self.log({"step": self.step, "eval": result})
                 if final:
                     self.print(f"[{self.stage}] evaluation at step {self.step}:\n{format_table(result)}")

@@ -91,7 +91,6 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path):
 
 def test_embedding_cache_is_reused_and_rebuilt_when_stale(tiny_run, tmp_path):
     from data.datasets import load_dataset
-    from dalle2.config import load_config
     run, argv = tiny_run
     clip = CLIP.from_checkpoint(run / "clip.pt")
     cfg = clip.config
