@@ -63,6 +63,22 @@ def time_generate(model, n: int, batch_size: int, steps: int, prior_steps: int, 
     return sorted(times)[len(times) // 2]
 
 
+def data_throughput(device, n: int = 20000, batch_size: int = 512, steps: int = 50) -> float:
+    """images/s of the training data path (StepBatches + CaptionedImages.sample with flips) on a
+    synthetic 32x32 dataset held on `device`: the rate a training step can be fed at."""
+    from data.datasets import CaptionedImages, StepBatches, build_caption_table
+    ds = CaptionedImages(torch.zeros(n, 3, 32, 32, dtype=torch.uint8),
+                         *build_caption_table([["a red circle at the left"]] * n)).to(device)
+    batches = StepBatches(n, batch_size, seed=0)
+    ds.sample(batches.indices(0).to(device), batches.generator(0), True)
+    sync(device)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        ds.sample(batches.indices(s).to(device), batches.generator(s), True)
+    sync(device)
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -102,6 +118,8 @@ def main(argv=None):
     for bs in (int(b) for b in args.batch_sizes.split(",") if b):
         s = time_generate(model, bs, bs, args.steps, args.prior_steps, args.guidance_scale, args.repeats)
         rows.append((f"batch {bs}", bs, s, bs / s))
+    ips = data_throughput(device)
+    rows.append(("data path", 512, 512 / ips, ips))
     print(f"{'case':<16}{'images':>8}{'seconds':>10}{'images/s':>11}")
     for name, n, s, ips in rows:
         print(f"{name:<16}{n:>8}{s:>10.3f}{ips:>11.1f}")

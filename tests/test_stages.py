@@ -109,7 +109,11 @@ def test_embedding_cache_is_reused_and_rebuilt_when_stale(tiny_run, tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on CPU")
 def test_ddp_two_processes_on_cpu(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    import socket
+    with socket.socket() as sock:  # a free port, so parallel or leftover runs cannot collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "clip/train.py", "--preset", "tiny", "--quiet", "--out", str(tmp_path / "run"),
            *tiny_overrides(tmp_path / "shapes", steps=4)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
