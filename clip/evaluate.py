@@ -44,8 +44,8 @@ def heldout_mask(ds: CaptionedImages) -> torch.Tensor | None:
     """(N,) bool: images holding a zero-shot held-out colour-shape pair (shapes data only)."""
     if ds.metadata is None:
         return None
-    from data.shapes import HOLDOUT_PAIRS
-    return torch.tensor([any((o["colour"], o["shape"]) in HOLDOUT_PAIRS for o in r["objects"]) for r in ds.metadata])
+    from dalle2.faithfulness import is_heldout
+    return torch.tensor([is_heldout(r["objects"]) for r in ds.metadata])
 
 
 def retrieval(sims: torch.Tensor, caption_of_image: torch.Tensor, image_rows: torch.Tensor | None = None,

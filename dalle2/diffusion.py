@@ -25,6 +25,7 @@ import math
 from typing import Callable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 OBJECTIVES = ("eps", "x0", "v")
 SCHEDULES = ("cosine", "linear")
@@ -75,10 +76,24 @@ def respaced_timesteps(T: int, steps: int) -> torch.Tensor:
     return (2 * i * (T - 1) + (steps - 1)) // (2 * (steps - 1))
 
 
+_DEVICE_COPIES = WeakIdKeyDictionary()  # schedule array -> {(device, dtype): converted copy}
+
+
+def _on(arr: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """`arr` on `device` in `dtype`, converted once per array. The schedule arrays live on the CPU in
+    float64; converting them on every call would put a host-to-device copy into every training and
+    sampling step (and a pageable copy makes the CPU wait for the GPU)."""
+    copies = _DEVICE_COPIES.setdefault(arr, {})
+    key = (torch.device(device), dtype)
+    if key not in copies:
+        copies[key] = arr.to(device=device, dtype=dtype)
+    return copies[key]
+
+
 def _extract(arr: torch.Tensor, t: torch.Tensor, x_shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gather arr[t] and reshape to broadcast against x. arr: (T,) float64 on CPU; t: (N,) long.
     Returns (N, 1, ..., 1) with len(x_shape) dims, in `dtype` on t's device."""
-    out = arr.to(device=t.device, dtype=dtype)[t]
+    out = _on(arr, t.device, dtype)[t]
     return out.view(t.shape[0], *([1] * (len(x_shape) - 1)))
 
 
@@ -229,7 +244,7 @@ class GaussianDiffusion:
 
     def _model_t(self, t: torch.Tensor) -> torch.Tensor:
         """Indices of this chain -> original timesteps (N,) given to the model."""
-        return self.timestep_map.to(t.device)[t]
+        return _on(self.timestep_map, t.device, torch.long)[t]
 
     # ---- forward process --------------------------------------------------------------------------
 
@@ -295,7 +310,7 @@ class GaussianDiffusion:
         """Per-sample loss weight (N,) float32 for timesteps t of this chain (1 for "plain")."""
         if self.loss_weighting == "plain":
             return torch.ones(t.shape[0], device=t.device)
-        snr = self.snr.to(t.device)[t]
+        snr = _on(self.snr, t.device, self.snr.dtype)[t]
         clipped = snr.clamp(max=self.min_snr_gamma)
         weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.objective]
         return weight.float()

@@ -113,11 +113,13 @@ def load_clip_for_stage(clip_path: str | Path, device):
 
 
 def check_same_clip(model, clip) -> None:
-    """A prior or decoder must run with the CLIP it was trained on (its hash is in model.extra)."""
-    want = model.extra.get("clip_hash")
-    if want is not None and want != clip.checkpoint_hash:
-        raise CheckpointError(f"{model.checkpoint_path}: was trained on CLIP {want}, but {clip.checkpoint_path} "
-                              f"is CLIP {clip.checkpoint_hash}; use the clip.pt it was trained with")
+    """A prior or decoder must run with the CLIP it was trained on (its hash is in model.extra).
+    Models built in memory, with no recorded hash on either side, are not checked."""
+    want, have = getattr(model, "extra", {}).get("clip_hash"), getattr(clip, "checkpoint_hash", None)
+    if want is not None and have is not None and want != have:
+        raise CheckpointError(f"{getattr(model, 'checkpoint_path', 'this model')}: was trained on CLIP {want}, but "
+                              f"{getattr(clip, 'checkpoint_path', 'the CLIP given')} is CLIP {have}; "
+                              f"use the clip.pt it was trained with")
 
 
 def prepare_stage(args):

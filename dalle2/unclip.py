@@ -22,6 +22,7 @@ from data.datasets import to_float
 
 from .checkpoint import CheckpointError
 from .config import SamplingConfig
+from .embeddings import check_same_clip
 from .training import autocast
 
 STAGES = ("clip", "prior", "decoder")
@@ -42,12 +43,8 @@ class DALLE2(nn.Module):
 
     def __init__(self, clip, prior, decoder, sampling: Optional[SamplingConfig] = None):
         super().__init__()
-        for name, model in (("prior", prior), ("decoder", decoder)):
-            want, have = getattr(model, "extra", {}).get("clip_hash"), getattr(clip, "checkpoint_hash", None)
-            if want is not None and have is not None and want != have:
-                where = getattr(model, "checkpoint_path", name)
-                raise CheckpointError(f"{where}: this {name} was trained on CLIP {want}, but the CLIP given is "
-                                      f"{have} ({getattr(clip, 'checkpoint_path', 'in memory')}); they do not fit together")
+        for model in (prior, decoder):
+            check_same_clip(model, clip)
         for name, dim in (("prior", prior.embed_dim), ("decoder", decoder.unet.embed_dim)):
             if dim != clip.embed_dim:
                 raise CheckpointError(f"the {name} works on {dim}-dim CLIP embeddings, the CLIP given makes "
