@@ -119,35 +119,49 @@ def dynamic_threshold(x0: torch.Tensor, quantile: float = 0.995) -> torch.Tensor
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def classifier_free_guidance(model: Callable, scale: float) -> Callable:
-    """Classifier-free guidance (Ho & Salimans 2022) around `model(x_t, t, **kwargs, cond_drop=...)`.
+def step_model(model: Callable, scale: float, model_kwargs: Optional[dict], n: int) -> Callable:
+    """The function a sampling loop calls at every step, fn(x_t, t) -> out, for `model(x_t, t,
+    **model_kwargs, cond_drop=...)` with classifier-free guidance (Ho & Salimans 2022) at `scale`.
 
-    Returns fn(x_t, t, **kwargs) -> out_u + scale * (out_c - out_u), computed with ONE batched forward:
-    x_t, t and every tensor kwarg with leading dim N are concatenated with themselves (2N rows),
-    non-tensor kwargs pass through, and cond_drop = [False]*N + [True]*N makes the second half
-    unconditional. A `cond_drop` already in kwargs is kept for the conditional half. The raw model
-    outputs are combined, whatever the objective. scale == 1 is a single plain conditional call.
+    Guidance is ONE batched forward: every tensor kwarg with leading dim N is concatenated with itself
+    (2N rows), other kwargs pass through, and cond_drop = [False]*N + [True]*N makes the second half
+    unconditional (a `cond_drop` already in model_kwargs is kept for the conditional half); fn returns
+    out_u + scale * (out_c - out_u), whatever the objective. scale == 1 is one plain conditional call.
+
+    A model with `prepare_conditioning(**kwargs) -> cond` (the prior and the decoder) has the work that
+    does not depend on x_t or t (caption encoders, context keys/values) done once here; every step is
+    then `model(x_t, t, cond=cond)`.
     """
-    if scale == 1.0:
-        def plain(x_t, t, **kwargs):
-            return model(x_t, t, **kwargs)
-        return plain
-
-    def guided(x_t, t, **kwargs):
-        n = x_t.shape[0]
+    kwargs = dict(model_kwargs or {})
+    if scale != 1.0:
+        # On the conditioning's device (the model's, or the CPU for a model without tensor kwargs).
+        device = next((v.device for v in kwargs.values() if torch.is_tensor(v)), torch.device("cpu"))
         cond_drop = kwargs.pop("cond_drop", None)
-        if cond_drop is None:
-            cond_drop = torch.zeros(n, dtype=torch.bool, device=x_t.device)
-        cond_drop = torch.cat([cond_drop.bool(), torch.ones(n, dtype=torch.bool, device=cond_drop.device)])  # (2N,)
-        doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
-                   for k, v in kwargs.items()}
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **doubled, cond_drop=cond_drop)
+        cond_drop = torch.zeros(n, dtype=torch.bool, device=device) if cond_drop is None else cond_drop.bool()
+        kwargs = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
+                  for k, v in kwargs.items()}
+        kwargs["cond_drop"] = torch.cat([cond_drop, torch.ones_like(cond_drop)])  # (2N,)
+    prepare = getattr(model, "prepare_conditioning", None)
+    if prepare is not None:
+        kwargs = {"cond": prepare(**kwargs)}
+    if scale == 1.0:
+        return lambda x_t, t: model(x_t, t, **kwargs)
+
+    def guided(x_t, t):
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **kwargs)
         if out.dtype in (torch.float16, torch.bfloat16):
             out = out.float()  # the difference out_c - out_u is small: take it in float32
         out_c, out_u = out.chunk(2)
         return out_u + scale * (out_c - out_u)
 
     return guided
+
+
+def classifier_free_guidance(model: Callable, scale: float) -> Callable:
+    """`step_model` for one call: fn(x_t, t, **kwargs) -> the guided output (see step_model)."""
+    def fn(x_t, t, **kwargs):
+        return step_model(model, scale, kwargs, x_t.shape[0])(x_t, t)
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,11 +357,11 @@ class GaussianDiffusion:
 
     # ---- sampling -----------------------------------------------------------------------------------
 
-    def _predict(self, model_fn, x, i: int, model_kwargs, clip_x0, quantile):
+    def _predict(self, model_fn, x, i: int, clip_x0, quantile):
         """One model call at index i of this chain -> (x0, eps), x0 clipped if asked and eps made consistent
         with the clipped x0 (so DDIM and DDPM move towards the clipped prediction)."""
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        out = model_fn(x, self._model_t(t), **model_kwargs)
+        out = model_fn(x, self._model_t(t))
         x0, eps = self.model_output_to_x0_eps(x, t, out)
         if clip_x0 is not None:
             x0 = x0.clamp(-1.0, 1.0) if clip_x0 == "static" else dynamic_threshold(x0, quantile)
@@ -382,7 +396,7 @@ class GaussianDiffusion:
         clip_x0: None, "static" (clamp predicted x0 to [-1, 1]) or "dynamic" (Imagen thresholding at
             `dynamic_threshold_quantile`); only the predicted x0 is clipped, never x_t.
         generator: draws the initial noise (unless `noise` is given) and the per-step noise, batched, on
-            the generator's device. guidance_scale != 1 wraps the model in classifier_free_guidance.
+            the generator's device. guidance_scale and the per-step model calls: see `step_model`.
         device: where x_t lives (default: noise's device, else the model's parameters', else generator's).
         return_x0: also return the predicted x0 of every step, (S, *shape) on the CPU, first step first.
         Returns x0 (float32, or float64 if `noise` is float64), or (x0, predicted x0s) if return_x0.
@@ -396,8 +410,7 @@ class GaussianDiffusion:
         if noise is not None and tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
         proc = self if steps is None else self.respace(steps)
-        model_kwargs = model_kwargs or {}
-        model_fn = classifier_free_guidance(model, guidance_scale)
+        model_fn = step_model(model, guidance_scale, model_kwargs, shape[0])
         device = self._device(model, device, noise, generator)
         dt = torch.float64 if noise is not None and noise.dtype == torch.float64 else torch.float32
         x = noise.to(device, dt) if noise is not None else _randn(shape, generator, device, dt)
@@ -408,7 +421,7 @@ class GaussianDiffusion:
             indices = tqdm(indices, desc=f"{sampler} sampling")
         preds = []
         for i in indices:
-            t, x0, eps = proc._predict(model_fn, x, i, model_kwargs, clip_x0, dynamic_threshold_quantile)
+            t, x0, eps = proc._predict(model_fn, x, i, clip_x0, dynamic_threshold_quantile)
             if return_x0:
                 preds.append(x0.cpu())
             if i == 0:
@@ -449,8 +462,7 @@ class GaussianDiffusion:
         The error vanishes as the steps get finer; with an exact denoiser it is zero.
         """
         proc = self if steps is None else self.respace(steps)
-        model_kwargs = model_kwargs or {}
-        model_fn = classifier_free_guidance(model, guidance_scale)
+        model_fn = step_model(model, guidance_scale, model_kwargs, x0.shape[0])
         dt = _compute_dtype(x0)
         x = x0.to(dt)
         indices = range(proc.num_timesteps)
@@ -459,7 +471,7 @@ class GaussianDiffusion:
             indices = tqdm(indices, desc="DDIM inversion")
         for i in indices:
             t_in = torch.full((x.shape[0],), max(i - 1, 0), device=x.device, dtype=torch.long)
-            out = model_fn(x, proc._model_t(t_in), **model_kwargs)
+            out = model_fn(x, proc._model_t(t_in))
             x0_hat, eps = proc.model_output_to_x0_eps(x, t_in, out)
             if i == 0:
                 x0_hat = x  # clean data: x0 is known exactly

@@ -14,6 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def extend_kv(cache: Optional[tuple[torch.Tensor, torch.Tensor]], kv: tuple[torch.Tensor, torch.Tensor]):
+    """Keys/values 2 x (N, h, S, d) with cached ones 2 x (N, h, P, d) (or None) in front: 2 x (N, h, P+S, d)."""
+    if cache is None:
+        return kv
+    return torch.cat([cache[0], kv[0]], dim=2), torch.cat([cache[1], kv[1]], dim=2)
+
+
 class Attention(nn.Module):
     """Multi-head attention on top of `F.scaled_dot_product_attention` (flash / memory-efficient
     kernels on GPU). Self-attention when `context` is None; otherwise the queries come from `x`
@@ -28,14 +35,18 @@ class Attention(nn.Module):
         self.kv = nn.Linear(context_width or width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-        """x: (N, T, W); context: (N, S, Wc) or None; mask: (N, S) bool, True = may be attended
-        (or an (N, 1, T, S) bool mask); causal: lower-triangular self-attention. Returns (N, T, W)."""
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `context` (N, S, Wc): 2 x (N, h, S, d)."""
+        n, s = context.shape[:2]
+        k, v = self.kv(context).view(n, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (N, h, S, d)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               causal: bool = False) -> torch.Tensor:
+        """Queries from x: (N, T, W) over given keys/values 2 x (N, h, S, d). mask: (N, S) bool, True = may
+        be attended, or (N, 1, T, S); causal: lower-triangular (T == S). Returns (N, T, W)."""
         n, t, w = x.shape
-        context = x if context is None else context
         q = self.q(x).view(n, t, self.heads, -1).transpose(1, 2)  # (N, h, T, d)
-        k, v = self.kv(context).view(n, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (N, h, S, d)
         attn_mask = None
         if mask is not None:
             attn_mask = mask[:, None, None, :] if mask.dim() == 2 else mask  # (N, 1, 1|T, S)
@@ -44,6 +55,17 @@ class Attention(nn.Module):
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (N, h, T, d)
         return self.out(y.transpose(1, 2).reshape(n, t, w))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, causal: bool = False,
+                kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x: (N, T, W); context: (N, S, Wc) or None (self-attention); mask, causal: see `attend`.
+        kv_cache: keys and values 2 x (N, h, P, d) computed earlier with `project_kv`, put in front of
+        those of `context` (the mask then covers P + S keys). Work that does not change between
+        diffusion steps (caption tokens, a causal prefix) is then done once per sample instead of once
+        per step; softmax attention does not care where in the key list a key sits. Returns (N, T, W)."""
+        k, v = extend_kv(kv_cache, self.project_kv(x if context is None else context))  # 2 x (N, h, P+S, d)
+        return self.attend(x, k, v, mask, causal)
 
 
 class TransformerBlock(nn.Module):
@@ -58,10 +80,18 @@ class TransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-        """x: (N, T, W); mask: (N, T) bool key-padding mask (True = real token). Returns (N, T, W)."""
-        x = x + self.drop(self.attn(self.ln_1(x), mask=mask, causal=causal))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False,
+                kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x: (N, T, W); mask: (N, T) bool key-padding mask (True = real token), or (N, 1, T, P+T) with
+        a kv_cache of P earlier positions (see Attention). Returns (N, T, W)."""
+        return self.forward_kv(x, mask, causal, kv_cache)[0]
+
+    def forward_kv(self, x, mask=None, causal: bool = False, kv_cache=None):
+        """forward, also returning this block's own keys and values of x: 2 x (N, h, T, d)."""
+        h = self.ln_1(x)
+        own = self.attn.project_kv(h)
+        x = x + self.drop(self.attn.attend(h, *extend_kv(kv_cache, own), mask, causal))
+        return x + self.drop(self.mlp(self.ln_2(x))), own
 
 
 class Transformer(nn.Module):
@@ -71,11 +101,25 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-        """x: (N, T, W) -> (N, T, W)."""
-        for block in self.blocks:
-            x = block(x, mask=mask, causal=causal)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False,
+                kv_caches: Optional[list] = None) -> torch.Tensor:
+        """x: (N, T, W) -> (N, T, W). kv_caches: one (keys, values) per block from `prefix`, for x
+        continuing a sequence whose first P positions were run before; mask is then (N, 1, T, P+T)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, causal=causal, kv_cache=None if kv_caches is None else kv_caches[i])
         return x
+
+    def prefix(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list:
+        """Run the first P positions x: (N, P, W) of a CAUSAL sequence and return every block's keys and
+        values of them, [2 x (N, h, P, d)] * layers. Causal positions never see later ones, so these are
+        exactly the keys/values a full-sequence forward computes, and `forward(rest, kv_caches=...)`
+        gives the full forward's outputs at the remaining positions (a KV cache).
+        mask: (N, 1, P, P) bool with the causal structure already in it."""
+        caches = []
+        for block in self.blocks:
+            x, kv = block.forward_kv(x, mask)
+            caches.append(kv)
+        return caches
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

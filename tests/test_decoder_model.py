@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from dalle2.decoder import Decoder, UNet
+from dalle2.decoder.unet import ContextAttentionBlock
 
 TINY = dict(embed_dim=16, vocab_size=50, context_length=16, channels=32, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[8], head_channels=16, text_width=32, text_layers=1, text_heads=2)
@@ -152,6 +153,36 @@ def test_padding_invariance(model):
         torch.testing.assert_close(model(x, t, image_emb=emb, tokens=tok), full, atol=1e-5, rtol=1e-4)
         pos[:5] += torch.randn(pos[:5].shape)  # real positions do matter
         assert not torch.allclose(model(x, t, image_emb=emb, tokens=tok), full, atol=1e-4)
+
+
+def test_prepared_conditioning_equals_the_plain_forward(model):
+    """What a sampler computes once per sample (caption encoder, CLIP projections, every attention
+    block's context keys/values) gives the same output as the plain forward, at any x_t and t."""
+    x, t, emb, tok = inputs(4)
+    drop = torch.tensor([False, True, False, False])
+    for tokens in (tok, None):
+        cond = model.prepare_conditioning(image_emb=emb, tokens=tokens, cond_drop=drop)
+        n_attn = sum(isinstance(m, ContextAttentionBlock) for m in model.modules())
+        assert len(cond["ctx"]) == n_attn >= 2
+        for x_t, t_ in ((x, t), (x * 0.5 + 1, (t + 100) % 1000)):
+            torch.testing.assert_close(model(x_t, t_, cond=cond),
+                                       model(x_t, t_, image_emb=emb, tokens=tokens, cond_drop=drop))
+    # Each attention block is handed the keys/values of its OWN context projection.
+    _, context, context_mask = model.condition(emb, tok, drop, drop)
+    seen = []
+    blocks = [m for m in model.modules() if isinstance(m, ContextAttentionBlock)]
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append((m, args[1]))) for b in blocks]
+    model(x, t, image_emb=emb, tokens=tok, cond_drop=drop)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(blocks)
+    for block, (k, v, mask) in seen:
+        k_ref, v_ref, mask_ref = block.context_kv(context, context_mask)
+        torch.testing.assert_close(k, k_ref)
+        torch.testing.assert_close(v, v_ref)
+        assert torch.equal(mask, mask_ref) and mask.shape[1] == context.shape[1] + block.resolution ** 2
+    with pytest.raises(ValueError, match="image_emb"):
+        model(x, t)
 
 
 def test_autocast_bfloat16(model):

@@ -441,6 +441,45 @@ def test_sample_uses_guidance():
     assert not torch.allclose(a, d.sample(m, (2, 4), steps=5, noise=noise, model_kwargs=kw))
 
 
+class ToyPreparedModel(ToyConditionalModel):
+    """The same model, with its condition work (null substitution) split out as prepare_conditioning,
+    as the prior and the decoder do; counts how often that step-invariant work runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared = 0
+
+    def prepare_conditioning(self, emb, gain=1.0, bias=None, cond_drop=None):
+        self.prepared += 1
+        cond = emb * gain
+        if cond_drop is not None:
+            cond = torch.where(cond_drop[:, None], self.null.expand_as(cond), cond)
+        return {"cond": cond, "bias": bias}
+
+    def __call__(self, x_t, t, cond=None, **kw):
+        if cond is None:
+            cond = self.prepare_conditioning(**kw)
+        self.calls.append(x_t.shape[0])
+        return 0.5 * x_t + t[:, None].float() / 100 + cond["cond"] + cond["bias"]
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_step_invariant_conditioning_is_prepared_once_per_sample(scale):
+    """A model with prepare_conditioning gets it called once per sample (not once per step), with the
+    guidance-doubled conditions, and samples exactly as the plain per-call model."""
+    d = GaussianDiffusion(50, "cosine", objective="eps")
+    kw = dict(emb=torch.randn(2, 4) * 0.1, bias=torch.zeros(1, 4))
+    noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    prepared = ToyPreparedModel()
+    a = d.sample(prepared, (2, 4), steps=5, noise=noise, model_kwargs=kw, guidance_scale=scale)
+    assert prepared.prepared == 1 and prepared.calls == [2 if scale == 1.0 else 4] * 5
+    b = d.sample(ToyConditionalModel(), (2, 4), steps=5, noise=noise, model_kwargs=kw, guidance_scale=scale)
+    torch.testing.assert_close(a, b)
+    prepared.prepared = 0
+    d.ddim_invert(prepared, noise, steps=4, model_kwargs=kw, guidance_scale=scale)
+    assert prepared.prepared == 1
+
+
 # ---- training loss ------------------------------------------------------------------------------------
 
 

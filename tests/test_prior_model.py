@@ -52,20 +52,41 @@ def test_output_depends_on_x_t_text_emb_and_t():
     assert not torch.allclose(net(x_t, t, **{**cond, "text_enc": enc}), ref, atol=1e-5)
 
 
-def test_attention_is_causal():
-    """Hidden states of the text tokens, text embedding and timestep (everything before x_t) do not
-    depend on x_t; the query (last) token does."""
-    net = make_net().eval()
-    x_t, t, cond = make_inputs()
-    seen = []
-    hook = net.transformer.register_forward_hook(lambda m, i, o: seen.append(o))
-    net(x_t, t, **cond)
-    net(x_t + 3.0, t, **cond)
-    hook.remove()
-    a, b = seen
-    assert a.shape == (4, L + 4, W)
-    torch.testing.assert_close(a[:, :L + 2], b[:, :L + 2])
-    assert not torch.allclose(a[:, -1], b[:, -1], atol=1e-5)
+def full_sequence_forward(net, x_t, t, text_emb, text_enc, text_mask, cond_drop):
+    """The prior written the plain way (section 2.2): one causal pass over the whole sequence
+    [text tokens (padded to Lc), text embedding, timestep, x_t, query] with the net's own weights."""
+    n, length = text_enc.shape[:2]
+    tokens = F.pad(net.text_enc_proj(text_enc), (0, 0, 0, L - length))
+    mask = F.pad(text_mask, (0, L - length), value=False)
+    emb = net.text_emb_proj(text_emb)
+    drop = cond_drop[:, None]
+    tokens = torch.where(drop[:, :, None], net.null_text_enc.expand_as(tokens), tokens)
+    emb = torch.where(drop, net.null_text_emb.expand_as(emb), emb)
+    mask = mask | drop
+    seq = torch.cat([tokens, emb[:, None], net.time_embed(t)[:, None], net.x_proj(x_t)[:, None],
+                     net.query.expand(n, 1, -1)], dim=1) + net.pos_emb  # (N, L + 4, W)
+    keys = torch.cat([mask, mask.new_ones(n, 4)], dim=1)
+    attn = (keys[:, None, :] & torch.ones(L + 4, L + 4, dtype=torch.bool).tril()) | torch.eye(L + 4, dtype=torch.bool)
+    h = net.transformer(seq, mask=attn[:, None])  # (N, L + 4, W)
+    return net.out(net.ln_f(h[:, -1])), h
+
+
+def test_cached_text_prefix_equals_the_full_causal_sequence():
+    """The net encodes the text prefix once (prepare_conditioning, a KV cache) and runs only the 3
+    step tokens per diffusion step. That must equal one causal pass over the whole sequence, whose
+    prefix positions indeed do not depend on x_t (so caching them is exact)."""
+    net = make_net(layers=3).eval()
+    x_t, t, cond = make_inputs(n=6, length=6)
+    cond_drop = torch.tensor([False, True, False, False, True, False])
+    ref, h = full_sequence_forward(net, x_t, t, **cond, cond_drop=cond_drop)
+    torch.testing.assert_close(net(x_t, t, **cond, cond_drop=cond_drop), ref, atol=1e-5, rtol=1e-5)
+    prepared = net.prepare_conditioning(**cond, cond_drop=cond_drop)
+    for x in (x_t, x_t + 3.0):  # one prepared prefix serves every step
+        torch.testing.assert_close(net(x, t, cond=prepared), full_sequence_forward(net, x, t, **cond, cond_drop=cond_drop)[0],
+                                   atol=1e-5, rtol=1e-5)
+    _, h_moved = full_sequence_forward(net, x_t + 3.0, t, **cond, cond_drop=cond_drop)
+    torch.testing.assert_close(h[:, :L + 2], h_moved[:, :L + 2])  # text tokens, text embedding, timestep
+    assert not torch.allclose(h[:, -1], h_moved[:, -1], atol=1e-5)
 
 
 def test_padding_positions_are_ignored():

@@ -71,8 +71,9 @@ class ContextAttentionBlock(nn.Module):
     i.e. self-attention over the H*W positions whose keys/values also include the caption and CLIP
     tokens (GLIDE section 2.3; padding keys masked). Zero-initialised output projection."""
 
-    def __init__(self, channels: int, head_channels: int, context_width: int):
+    def __init__(self, channels: int, head_channels: int, context_width: int, resolution: int):
         super().__init__()
+        self.resolution = resolution  # side of the feature map it sees
         self.norm = group_norm(channels)
         self.context_proj = nn.Linear(context_width, channels)
         # Keys/values of image positions and of context tokens come from the same `kv` projection, which
@@ -80,13 +81,21 @@ class ContextAttentionBlock(nn.Module):
         self.attn = Attention(channels, channels // head_channels)
         zero_module(self.attn.out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W); context: (N, S, Wc); context_mask: (N, S) bool, True = real. Returns (N, C, H, W)."""
+    def context_kv(self, context: torch.Tensor, context_mask: torch.Tensor):
+        """The context's keys and values, which do not change between diffusion steps (computed once per
+        sample by UNet.prepare_conditioning). context: (N, S, Wc); context_mask: (N, S) bool, True = real.
+        Returns (keys, values) 2 x (N, h, S, d) and the key mask (N, S + H*W) (context keys first)."""
+        k, v = self.attn.project_kv(self.context_proj(context))  # 2 x (N, h, S, d)
+        image_keys = context_mask.new_ones(context_mask.shape[0], self.resolution ** 2)
+        mask = torch.cat([context_mask, image_keys], dim=1)  # (N, S + HW)
+        return k, v, mask
+
+    def forward(self, x: torch.Tensor, ctx: tuple) -> torch.Tensor:
+        """x: (N, C, H, W); ctx: `context_kv(...)`. Returns (N, C, H, W)."""
         n, c, h, w = x.shape
+        k, v, mask = ctx
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C); a view when x is channels_last
-        kv_in = torch.cat([tokens, self.context_proj(context).to(tokens.dtype)], dim=1)  # (N, HW+S, C)
-        mask = torch.cat([context_mask.new_ones(n, h * w), context_mask], dim=1)  # (N, HW+S)
-        y = self.attn(tokens, context=kv_in, mask=mask)  # (N, HW, C)
+        y = self.attn(tokens, mask=mask, kv_cache=(k.to(tokens.dtype), v.to(tokens.dtype)))  # (N, HW, C)
         return x + y.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
 
 
@@ -116,10 +125,11 @@ class UNetStage(nn.Module):
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
 
-    def forward(self, x, emb, context, context_mask):
+    def forward(self, x, emb, ctx=None):
+        """x: (N, C, H, W); emb: (N, E); ctx: this stage's attention context (see ContextAttentionBlock)."""
         x = self.res(x, emb)
         if self.attn is not None:  # fixed at construction: no data-dependent control flow
-            x = self.attn(x, context, context_mask)
+            x = self.attn(x, ctx)
         if self.resample is not None:
             x = self.resample(x)
         return x
@@ -186,7 +196,7 @@ class UNet(nn.Module):
 
         # --- UNet body (Nichol & Dhariwal layout) ---
         def attn(ch: int, res: int) -> Optional[ContextAttentionBlock]:
-            return ContextAttentionBlock(ch, head_channels, text_width) if res in attention_resolutions else None
+            return ContextAttentionBlock(ch, head_channels, text_width, res) if res in attention_resolutions else None
 
         self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -201,7 +211,7 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
                 res //= 2
         self.middle = nn.ModuleList([
-            UNetStage(ResBlock(ch, ch, emb_dim, dropout), ContextAttentionBlock(ch, head_channels, text_width)),
+            UNetStage(ResBlock(ch, ch, emb_dim, dropout), ContextAttentionBlock(ch, head_channels, text_width, res)),
             UNetStage(ResBlock(ch, ch, emb_dim, dropout)),
         ])
         self.up = nn.ModuleList()
@@ -281,35 +291,55 @@ class UNet(nn.Module):
         context_mask = torch.cat([mask.new_ones(n, self.clip_tokens), mask], dim=1)  # (N, K+S)
         return cond_emb, context, context_mask
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, image_emb: torch.Tensor,
-                tokens: Optional[torch.Tensor], cond_drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x_t: (N, 3, H, W); t: (N,) long timesteps; image_emb: (N, E) unit-norm CLIP image embedding;
-        tokens: (N, L) long (PAD = 0), or None for "no caption" (the learned null caption: the image
-        manipulations of section 3 condition on the CLIP embedding alone); cond_drop: (N,) bool or
-        None, rows forced fully unconditional. Returns the model output (N, 3, H, W)."""
-        n = x_t.shape[0]
+    def prepare_conditioning(self, *, image_emb: torch.Tensor, tokens: Optional[torch.Tensor],
+                             cond_drop: Optional[torch.Tensor] = None) -> dict:
+        """Everything the conditions contribute that does not change between diffusion steps: the caption
+        transformer, the CLIP projections and every attention block's context keys/values. A sampler
+        computes it once per sample and passes it to each step (`forward(x_t, t, cond=...)`).
+        Arguments as in `forward`. Returns {"emb": (N, 4C), "ctx": [(keys, values, mask)] per attention
+        block in forward order}."""
+        n = image_emb.shape[0]
         if self.training:
-            drop_clip, drop_text = self.drop_masks(n, x_t.device)
+            drop_clip, drop_text = self.drop_masks(n, image_emb.device)
         else:
-            drop_clip = drop_text = torch.zeros(n, dtype=torch.bool, device=x_t.device)
+            drop_clip = drop_text = torch.zeros(n, dtype=torch.bool, device=image_emb.device)
         if cond_drop is not None:
             drop_clip, drop_text = drop_clip | cond_drop, drop_text | cond_drop
         if tokens is None:
-            tokens = torch.zeros(n, 2, dtype=torch.long, device=x_t.device)  # placeholder, replaced by the null
+            tokens = torch.zeros(n, 2, dtype=torch.long, device=image_emb.device)  # placeholder, replaced by the null
             drop_text = torch.ones_like(drop_text)
-
         cond_emb, context, context_mask = self.condition(image_emb, tokens, drop_clip, drop_text)
-        emb = F.silu(self.time_embed(t) + cond_emb)  # (N, 4C); SiLU once here, shared by every ResBlock
+        blocks = [m for m in self.modules() if isinstance(m, ContextAttentionBlock)]  # registration = forward order
+        return {"emb": cond_emb, "ctx": [b.context_kv(context, context_mask) for b in blocks]}
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, image_emb: Optional[torch.Tensor] = None,
+                tokens: Optional[torch.Tensor] = None, cond_drop: Optional[torch.Tensor] = None,
+                cond: Optional[dict] = None) -> torch.Tensor:
+        """x_t: (N, 3, H, W); t: (N,) long timesteps; image_emb: (N, E) unit-norm CLIP image embedding;
+        tokens: (N, L) long (PAD = 0), or None for "no caption" (the learned null caption: the image
+        manipulations of section 3 condition on the CLIP embedding alone); cond_drop: (N,) bool or
+        None, rows forced fully unconditional; cond: `prepare_conditioning(...)` of these, computed
+        earlier (then they are not given). Returns the model output (N, 3, H, W)."""
+        if cond is None:
+            if image_emb is None:
+                raise ValueError("the decoder needs image_emb (and tokens, or None for no caption), "
+                                 "or cond=prepare_conditioning(...)")
+            cond = self.prepare_conditioning(image_emb=image_emb, tokens=tokens, cond_drop=cond_drop)
+        emb = F.silu(self.time_embed(t) + cond["emb"])  # (N, 4C); SiLU once here, shared by every ResBlock
+        ctx = iter(cond["ctx"])
+
+        def run(stage, h):
+            return stage(h, emb, next(ctx) if stage.attn is not None else None)
 
         h = self.conv_in(x_t)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb, context, context_mask) if isinstance(stage, UNetStage) else stage(h)
+            h = run(stage, h) if isinstance(stage, UNetStage) else stage(h)
             skips.append(h)
         for stage in self.middle:
-            h = stage(h, emb, context, context_mask)
+            h = run(stage, h)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+            h = run(stage, torch.cat([h, skips.pop()], dim=1))
         return self.out(h)
 
 

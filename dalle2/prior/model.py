@@ -86,33 +86,26 @@ class PriorNetwork(nn.Module):
         gen_device = generator.device if generator is not None else torch.device("cpu")
         return (torch.rand(n, generator=generator, device=gen_device) < self.cond_drop_prob).to(device)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, text_emb: torch.Tensor, text_enc: torch.Tensor,
-                text_mask: torch.Tensor, cond_drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x_t: (N, D) noised (sqrt(D)-scaled) image embedding; t: (N,) long timesteps;
-        text_emb: (N, D) sqrt(D)-scaled CLIP text embedding; text_enc: (N, L, text_width) CLIP token
-        encodings with L <= context_length; text_mask: (N, L) bool, True = real token;
-        cond_drop: (N,) bool, True = use the learned nulls instead of the text (unconditional).
-        When None, training mode draws a random cond_drop_prob fraction; eval mode drops nothing.
-        Returns (N, D): predicted x0 in the scaled space."""
+    def prepare_conditioning(self, *, text_emb: torch.Tensor, text_enc: torch.Tensor, text_mask: torch.Tensor,
+                             cond_drop: Optional[torch.Tensor] = None) -> dict:
+        """The part of the forward pass that does not depend on the timestep or x_t, so a sampler runs it
+        once per sample instead of once per step (`forward(..., cond=...)`): the causal transformer over
+        the text prefix [text tokens, text embedding], kept as every layer's keys and values. No later
+        position can change them (causal attention), so this is exact. Arguments as in `forward`.
+        Returns {"kv": [2 x (N, heads, P, d)] * layers, "mask": (N, 1, 3, P + 3) bool} with P = Lc + 1."""
         check_text_inputs(text_emb, text_enc, text_mask, embed_dim=self.embed_dim,
                           text_width=self.text_width, context_length=self.context_length)
         n, length = text_enc.shape[:2]
-        if tuple(x_t.shape) != (n, self.embed_dim):
-            raise ValueError(f"x_t must be (N, D)=({n}, {self.embed_dim}), got shape {tuple(x_t.shape)}")
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"t must be (N,)=({n},), got shape {tuple(t.shape)}")
+        device = text_emb.device
         if cond_drop is None:
             # Training drops the text for a random fraction of rows (CFG); eval never draws randomness.
-            if self.training:
-                cond_drop = self.drop_mask(n, x_t.device)
-            else:
-                cond_drop = torch.zeros(n, dtype=torch.bool, device=x_t.device)
+            cond_drop = self.drop_mask(n, device) if self.training else torch.zeros(n, dtype=torch.bool, device=device)
         elif tuple(cond_drop.shape) != (n,):
             raise ValueError(f"cond_drop must be (N,)=({n},) bool, got shape {tuple(cond_drop.shape)}")
-        cond_drop = cond_drop.to(device=x_t.device, dtype=torch.bool)
+        cond_drop = cond_drop.to(device=device, dtype=torch.bool)
 
-        # Shorter token sequences are padded (and masked) to context_length so that the four
-        # trailing tokens always sit at the same learned positions.
+        # Shorter token sequences are padded (and masked) to context_length so that the trailing
+        # tokens always sit at the same learned positions.
         tokens = self.text_enc_proj(text_enc)  # (N, L, W)
         mask = text_mask.to(torch.bool)
         if length < self.context_length:
@@ -125,25 +118,47 @@ class PriorNetwork(nn.Module):
         tokens = torch.where(drop[:, :, None], self.null_text_enc.to(tokens.dtype).expand_as(tokens), tokens)
         mask = mask | drop
         emb = torch.where(drop, self.null_text_emb.to(emb.dtype).expand_as(emb), emb)
+        prefix = torch.cat([tokens, emb[:, None].to(tokens.dtype)], dim=1)  # (N, P, W)
+        p = prefix.shape[1]
+        prefix = prefix + self.pos_emb[:p].to(prefix.dtype)
 
-        seq = torch.cat([
-            tokens,
-            emb[:, None],
-            self.time_embed(t)[:, None].to(tokens.dtype),
-            self.x_proj(x_t)[:, None],
-            self.query.to(tokens.dtype).expand(n, 1, -1),
-        ], dim=1) + self.pos_emb.to(tokens.dtype)  # (N, Lc + 4, W)
+        # Attention mask: causal, padding tokens hidden as keys, and each position may always see
+        # itself, so a padded first token has one key and no row softmaxes over nothing (which would
+        # give NaN and leak into the other positions through the values).
+        keys = torch.cat([mask, mask.new_ones(n, 1)], dim=1)  # (N, P); the text embedding is always real
+        causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(p, dtype=torch.bool, device=device)
+        prefix_mask = (keys[:, None, :] & causal) | eye  # (N, P, P)
+        kv = self.transformer.prefix(prefix, mask=prefix_mask[:, None])
+        # The 3 step tokens [timestep, x_t, query] see every real prefix key and, causally, each other.
+        step_causal = torch.ones(3, 3, dtype=torch.bool, device=device).tril()
+        step_mask = torch.cat([keys[:, None, :].expand(n, 3, p), step_causal.expand(n, 3, 3)], dim=2)  # (N, 3, P+3)
+        return {"kv": kv, "mask": step_mask[:, None]}
 
-        # Attention mask (N, 1, T, T): causal, padding tokens hidden as keys, and each position may
-        # always see itself, so a padded first token has one key and no row softmaxes over nothing
-        # (which would give NaN and leak into the other positions through the values).
-        seq_len = seq.shape[1]
-        keys = torch.cat([mask, mask.new_ones(n, 4)], dim=1)  # (N, T)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=seq.device).tril()
-        eye = torch.eye(seq_len, dtype=torch.bool, device=seq.device)
-        attn_mask = (keys[:, None, :] & causal) | eye  # (N, T, T)
-
-        h = self.transformer(seq, mask=attn_mask[:, None])  # (N, T, W)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, text_emb: Optional[torch.Tensor] = None,
+                text_enc: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
+                cond_drop: Optional[torch.Tensor] = None, cond: Optional[dict] = None) -> torch.Tensor:
+        """x_t: (N, D) noised (sqrt(D)-scaled) image embedding; t: (N,) long timesteps;
+        text_emb: (N, D) sqrt(D)-scaled CLIP text embedding; text_enc: (N, L, text_width) CLIP token
+        encodings with L <= context_length; text_mask: (N, L) bool, True = real token;
+        cond_drop: (N,) bool, True = use the learned nulls instead of the text (unconditional).
+        When None, training mode draws a random cond_drop_prob fraction; eval mode drops nothing.
+        cond: `prepare_conditioning(...)` of these arguments, computed earlier (then they are not given).
+        Returns (N, D): predicted x0 in the scaled space."""
+        if cond is None:
+            if text_emb is None or text_enc is None or text_mask is None:
+                raise ValueError("the prior needs text_emb, text_enc and text_mask (or cond=prepare_conditioning(...))")
+            cond = self.prepare_conditioning(text_emb=text_emb, text_enc=text_enc, text_mask=text_mask,
+                                             cond_drop=cond_drop)
+        n = cond["mask"].shape[0]
+        if tuple(x_t.shape) != (n, self.embed_dim):
+            raise ValueError(f"x_t must be (N, D)=({n}, {self.embed_dim}), got shape {tuple(x_t.shape)}")
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"t must be (N,)=({n},), got shape {tuple(t.shape)}")
+        x = self.x_proj(x_t)  # (N, W)
+        steps = torch.stack([self.time_embed(t).to(x.dtype), x, self.query.to(x.dtype).expand(n, -1)], dim=1)
+        steps = steps + self.pos_emb[-3:].to(x.dtype)  # (N, 3, W)
+        h = self.transformer(steps, mask=cond["mask"], kv_caches=cond["kv"])  # (N, 3, W)
         return self.out(self.ln_f(h[:, -1]))  # (N, D)
 
 
@@ -212,8 +227,8 @@ class DiffusionPrior(nn.Module):
         was_training = self.net.training
         self.net.eval()  # no random condition dropout or dropout while sampling
         try:
-            # guidance_scale != 1: the diffusion wraps the net in classifier_free_guidance (one batched
-            # forward over conditional + null-text rows, using the net's cond_drop).
+            # guidance_scale != 1: the diffusion runs the net once per step on conditional + null-text rows
+            # (classifier-free guidance); the text prefix is encoded once (prepare_conditioning).
             x = self.diffusion.sample(self.net, (n * candidates, d), steps=steps, sampler=sampler, eta=eta,
                                       model_kwargs=kwargs, generator=generator, guidance_scale=guidance_scale,
                                       device=text_emb.device)
