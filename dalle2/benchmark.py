@@ -9,6 +9,11 @@ sizes with random weights. Each row: prior with `candidates` samples per caption
 with DDIM and classifier-free guidance, at `--steps` steps; one warm-up run is not timed.
 Targets (issue 5): >= 500 images/s at batch 256 on one GPU, < 0.5 s for a single 32x32 image,
 8 tiny-preset images in < 30 s on a 2-core CPU.
+
+Before the timings it prints what one image costs whatever the hardware: GFLOP (matrix products and
+convolutions, torch.utils.flop_counter) and dispatched PyTorch operations (about one GPU kernel launch
+each, which is what bounds a single image on a GPU). Both are counted on runs of 2-3 steps and
+extrapolated to `--steps`, since they grow linearly with the step count.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import platform
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from dalle2.cli import main_wrapper
 from dalle2.config import add_config_args, config_from_args
@@ -63,6 +70,38 @@ def time_generate(model, n: int, batch_size: int, steps: int, prior_steps: int, 
     return sorted(times)[len(times) // 2]
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def cost_per_image(model, steps: int, prior_steps: int, guidance: float) -> dict:
+    """GFLOP and dispatched ops to generate one image: fixed + per decoder step + per prior step,
+    counted at (2, 2), (3, 2) and (2, 3) steps and extrapolated."""
+    def count(dec_steps, pri_steps):
+        kwargs = dict(steps=dec_steps, prior_steps=pri_steps, guidance_scale=guidance,
+                      prior_guidance_scale=guidance, sampler="ddim", batch_size=1)
+        with FlopCounterMode(display=False) as flops:
+            model.generate(CAPTIONS[:1], **kwargs)
+        with _OpCounter() as ops:  # on its own: nested inside the flop counter it would see fewer
+            model.generate(CAPTIONS[:1], **kwargs)
+        return torch.tensor([flops.get_total_flops() / 1e9, ops.ops], dtype=torch.float64)
+
+    base, more_dec, more_pri = count(2, 2), count(3, 2), count(2, 3)
+    per_dec, per_pri = more_dec - base, more_pri - base
+    total = base + (steps - 2) * per_dec + (prior_steps - 2) * per_pri
+    return {"gflop": total[0].item(), "ops": total[1].item(), "decoder_gflop_per_step": per_dec[0].item(),
+            "prior_gflop_per_step": per_pri[0].item(), "decoder_ops_per_step": per_dec[1].item(),
+            "prior_ops_per_step": per_pri[1].item()}
+
+
 def data_throughput(device, n: int = 20000, batch_size: int = 512, steps: int = 50) -> float:
     """images/s of the training data path (StepBatches + CaptionedImages.sample with flips) on a
     synthetic 32x32 dataset held on `device`: the rate a training step can be fed at."""
@@ -91,8 +130,11 @@ def main(argv=None):
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="time DALLE2.compile()d networks (CUDA graphs on GPU)")
+    p.add_argument("--channels-last", action="store_true", help="decoder UNet in channels_last memory format")
+    p.add_argument("--cost", type=int, default=1, help="also count GFLOP and operations per image (1) or not (0)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     if args.checkpoints:
         from dalle2.unclip import DALLE2
         model = DALLE2.from_run(args.checkpoints).to(device)
@@ -102,6 +144,10 @@ def main(argv=None):
         model = random_pipeline(cfg, device)
         source = f"preset {cfg.preset} (random weights)"
     model.eval()
+    cost = cost_per_image(model, args.steps, args.prior_steps, args.guidance_scale) if args.cost else None
+    if args.channels_last:
+        model.decoder.unet.to(memory_format=torch.channels_last)
+        source += ", channels_last"
     if args.compile:
         model.compile()
         source += ", compiled"
@@ -110,7 +156,13 @@ def main(argv=None):
     print(f"pipeline: {source}; {model.image_size}px; parameters (M): "
           + ", ".join(f"{k} {v:.1f}" for k, v in n_params.items()))
     print(f"device: {hw}; torch {torch.__version__}; DDIM {args.steps} decoder / {args.prior_steps} prior steps, "
-          f"guidance {args.guidance_scale}, {model.sampling.candidates} prior candidates\n")
+          f"guidance {args.guidance_scale}, {model.sampling.candidates} prior candidates")
+    if cost:
+        print(f"one image costs {cost['gflop']:.1f} GFLOP and {cost['ops']:,.0f} dispatched ops "
+              f"(per step: decoder {cost['decoder_gflop_per_step']:.2f} GFLOP / {cost['decoder_ops_per_step']:.0f} ops, "
+              f"prior {cost['prior_gflop_per_step']:.2f} GFLOP / {cost['prior_ops_per_step']:.0f} ops; "
+              "with guidance and candidates)")
+    print()
     rows = []
     if args.single:
         s = time_generate(model, 1, 1, args.steps, args.prior_steps, args.guidance_scale, args.repeats)
