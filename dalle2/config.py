@@ -119,7 +119,7 @@ class PriorConfig:
 
 @dataclass
 class DecoderModelConfig:
-    channels: int = _opt(128, "UNet base channels", min=1)
+    channels: int = _opt(64, "UNet base channels", min=1)
     channel_mult: list[int] = _list([1, 2, 2], "channel multiplier per resolution", min=1)
     num_res_blocks: int = _opt(2, "residual blocks per resolution", min=1)
     attention_resolutions: list[int] = _list([16, 8], "feature-map sides with attention over image + context", min=1)
@@ -390,8 +390,10 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def describe_options() -> str:
-    """A Markdown table of every option with its default and doc (used for the README)."""
+def describe_options(cfg: Optional[Config] = None) -> str:
+    """A Markdown table of every option with its value in `cfg` (default: the shapes32 preset of
+    model_config.yml, what runs when nothing is chosen) and its doc. The README's table is this."""
+    cfg = cfg if cfg is not None else load_config()
     rows = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(obj, prefix):
@@ -401,5 +403,5 @@ def describe_options() -> str:
                 walk(value, f"{prefix}{f.name}.")
             elif f.metadata.get("doc"):
                 rows.append(f"| `{prefix}{f.name}` | `{value}` | {f.metadata['doc']} |")
-    walk(Config(), "")
+    walk(cfg, "")
     return "\n".join(rows)

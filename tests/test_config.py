@@ -1,6 +1,7 @@
 """The config loader: defaults, presets, overrides, type coercion and errors that name key and file."""
 import dataclasses
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +83,14 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
         d = cfg.to_dict()
         d["clip"]["model"]["old"] = 1
         config_from_dict(d, "ckpt")
+
+
+def test_readme_option_table_shows_what_runs():
+    """The README's "All options" table is describe_options(): the shapes32 values of model_config.yml
+    (what runs when no preset is chosen), not the dataclass fallbacks. Regenerate it when either changes."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert describe_options() in readme
+    assert "| `decoder.train.ema_decay` | `0.9995` |" in describe_options()  # the YAML's, not Config()'s 0.0
 
 
 def test_every_option_is_documented():
