@@ -110,8 +110,18 @@ def test_stages_from_different_clips_do_not_fit_together(tiny_run, tmp_path):
         DALLE2(clip, DiffusionPrior.from_checkpoint(run / "prior.pt"), Decoder.from_checkpoint(run / "decoder.pt"))
 
 
-def test_compiled_sampling_matches_eager(tiny_run):
+def test_compiled_sampling_matches_eager_and_compiles_once(tiny_run):
+    """Compiled networks give eager's images, and once warm, further samples and steps reuse the
+    compiled graphs: a recompilation per step or per sample would cost more than it saves (and on
+    CUDA re-record the CUDA graphs)."""
+    from torch._dynamo.utils import counters
     model = DALLE2.from_run(tiny_run[0]).val_mode()
     eager = model.generate(["a red circle"], steps=2, prior_steps=2, seed=0)
     compiled = model.compile().generate(["a red circle"], steps=2, prior_steps=2, seed=0)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    frames = counters["frames"]["ok"]
+    model.generate(["a blue square", "the small teal triangle"], steps=4, prior_steps=3, seed=1)  # new rows too
+    warm = counters["frames"]["ok"]
+    model.generate(["a green circle", "a red square"], steps=5, prior_steps=4, seed=2)
+    assert counters["frames"]["ok"] == warm, "a warm compiled pipeline recompiled"
+    assert frames >= 2 and warm - frames <= 2  # compiled at all; at most one recompile per network (new batch size)
