@@ -18,7 +18,10 @@ def extend_kv(cache: Optional[tuple[torch.Tensor, torch.Tensor]], kv: tuple[torc
     """Keys/values 2 x (N, h, S, d) with cached ones 2 x (N, h, P, d) (or None) in front: 2 x (N, h, P+S, d)."""
     if cache is None:
         return kv
-    return torch.cat([cache[0], kv[0]], dim=2), torch.cat([cache[1], kv[1]], dim=2)
+    # The same dtype as the new keys (both bf16 under autocast, where the cache was also made), so the
+    # concatenation never promotes the new keys to float32 only for attention to cast them back.
+    k, v = (c.to(x.dtype) for c, x in zip(cache, kv))
+    return torch.cat([k, kv[0]], dim=2), torch.cat([v, kv[1]], dim=2)
 
 
 class Attention(nn.Module):

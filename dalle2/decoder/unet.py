@@ -95,7 +95,7 @@ class ContextAttentionBlock(nn.Module):
         n, c, h, w = x.shape
         k, v, mask = ctx
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C); a view when x is channels_last
-        y = self.attn(tokens, mask=mask, kv_cache=(k.to(tokens.dtype), v.to(tokens.dtype)))  # (N, HW, C)
+        y = self.attn(tokens, mask=mask, kv_cache=(k, v))  # (N, HW, C)
         return x + y.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
 
 
