@@ -4,8 +4,10 @@
     python -m dalle2.pipeline                                   # shapes32 on a GPU
     python -m dalle2.pipeline --preset tiny --set clip.train.steps=50 --out /tmp/quick
 
-Each stage is resumable and a finished stage (OUT/<stage>.pt present, same model config) is skipped,
-so running the command again after an interruption continues where it stopped. Writes:
+Each stage runs with --resume: a finished stage (same model, image size and CLIP, at least as many
+steps) is skipped, a half-trained one continues, and a checkpoint that does not fit the asked config
+is refused with a message. So running the command again after an interruption continues where it
+stopped, and asking for more steps trains on. Writes:
     OUT/clip.pt, OUT/prior.pt, OUT/decoder.pt     the three models (+ OUT/<stage>/ logs)
     OUT/samples/grid.png                          samples for a few test captions
     OUT/report/                                   the evaluation report (report.md, report.json, pictures)
@@ -16,23 +18,10 @@ import argparse
 import time
 from pathlib import Path
 
-from dalle2.checkpoint import load_checkpoint
 from dalle2.cli import main_wrapper
 from dalle2.config import add_config_args, config_from_args
-from dalle2.training import TrainingError
 
 STAGES = ("clip", "prior", "decoder")
-
-
-def _stage_done(out: Path, stage: str, cfg) -> bool:
-    path = out / f"{stage}.pt"
-    if not path.exists():
-        return False
-    saved = load_checkpoint(path, stage)["config"]
-    if saved[stage]["model"] != cfg.to_dict()[stage]["model"]:
-        raise TrainingError(f"{path}: was trained with another {stage}.model config than --preset {cfg.preset} "
-                            f"asks for; use another --out, or delete it to retrain")
-    return True
 
 
 def main(argv=None):
@@ -60,11 +49,8 @@ def main(argv=None):
     steps = {"clip": train_clip, "prior": train_prior, "decoder": train_decoder}
     for i, stage in enumerate(STAGES, 1):
         t0 = time.perf_counter()
-        if _stage_done(out, stage, cfg):
-            print(f"[{i}/5] {stage}: already trained ({out / f'{stage}.pt'}), skipped")
-            continue
-        print(f"[{i}/5] {stage}: training ({getattr(cfg, stage).train.steps} steps)")
-        steps[stage](common + ["--resume"])
+        print(f"[{i}/5] {stage}: {getattr(cfg, stage).train.steps} steps")
+        steps[stage](common + ["--resume"])  # the Trainer skips a stage already trained this way
         timings[stage] = time.perf_counter() - t0
         print(f"[{i}/5] {stage}: done in {timings[stage]:.0f} s -> {out / f'{stage}.pt'}")
 

@@ -278,8 +278,10 @@ class Trainer:
             self.print(f"[{self.stage}] resumed from {self.resume_path} at step {self.step}")
         elif resume:
             self.print(f"[{self.stage}] nothing to resume in {self.run_dir}: starting from step 0")
-        if self.step >= tc.steps:
-            self.print(f"[{self.stage}] already trained to step {self.step} >= {tc.steps}")
+        if self.step >= tc.steps and self.final_path.exists():
+            # Resumed a finished run (same model, image size and CLIP, checked by try_resume): nothing to do.
+            self.print(f"[{self.stage}] already trained to step {self.step} >= {tc.steps}: {self.final_path}")
+            return self.eval_model
         self.model.train()
         bad = torch.zeros((), dtype=torch.bool, device=dev)  # any non-finite loss since the last check
         loss_sum = torch.zeros((), device=dev)
