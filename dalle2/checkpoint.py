@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .files import atomic_write
+
 FORMAT = 1
 
 
@@ -31,15 +33,7 @@ class CheckpointError(Exception):
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary name in the same folder, then rename: a crash never leaves a
     half-written checkpoint under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, stage: Optional[str] = None, map_location="cpu") -> dict:

@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .files import atomic_write_text
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model_config.yml"
 DEFAULT_PRESET = "shapes32"
 
@@ -383,11 +385,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, path)
+    atomic_write_text(path, cfg.to_yaml())
 
 
 def describe_options(cfg: Optional[Config] = None) -> str:

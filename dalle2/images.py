@@ -5,12 +5,12 @@ Pillow only: torch is never imported here, tensors are handled by duck typing so
 this module stays cheap and side-effect free.
 """
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_write
 
 
 def to_pil(x) -> Image.Image:
@@ -101,20 +101,10 @@ def save_image_atomic(img: Image.Image, path) -> Path:
     atomic), keeping the suffix so Pillow picks the format from it. Creates the folder if needed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        img.save(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: Pillow does not know the image format of {path.suffix!r}")
+    return atomic_write(path, lambda f: img.save(f, format=fmt))
 
 
 def write_samples(images: list, captions: list[str], out, n_per_text: int = 1) -> list[Path]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import atomic_write_text
 from .images import captioned_grid, save_image_atomic, to_pil
 
 ATTRS = ("colour", "shape", "size", "position", "binding", "count", "exact")
@@ -117,13 +118,8 @@ def best_worst(entry: dict, reader, k: int = 8) -> Image.Image | None:
 
 def write_report(report: dict, out: str | os.PathLike, reader=None) -> Path:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(_plain(report), indent=2))
-    os.replace(tmp, out / "report.json")
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(markdown(report))
-    os.replace(tmp, out / "report.md")
+    atomic_write_text(out / "report.json", json.dumps(_plain(report), indent=2))
+    atomic_write_text(out / "report.md", markdown(report))
     grid = best_worst(next(iter(report["sets"].values()), {}), reader)
     if grid is not None:
         save_image_atomic(grid, out / "best_worst.png")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 from pathlib import Path
 
 from dalle2.cli import main_wrapper
 from dalle2.evaluate import evaluate_settings, load_everything, reference_figures
+from dalle2.files import atomic_write_text
 from dalle2.training import pick_device
 
 
@@ -87,13 +87,11 @@ def main(argv=None):
     summary = {"recommended": results[best]["settings"], "results": [
         {"settings": r["settings"], "exact_match": exact_match(r), "diversity": r["diversity"],
          "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]} for r in results]}
-    tmp = out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "sweep.json")
+    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
     lines = ["| setting | exact match | CLIP FD | diversity |", "|---|---|---|---|"]
     lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {f:.4f} | {d:.4f} |"
               for i, (lab, e, f, d) in enumerate(zip(labels, em, fd, div))]
-    (out / "sweep.md").write_text("# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
+    atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
     print("\n".join(lines) + f"\nrecommended: {results[best]['settings']} -> {out}/sweep.png")
     return summary
 

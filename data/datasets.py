@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dalle2.files import atomic_write
+
 SPLITS = ("train", "test")
 DATASETS = ("shapes", "cifar10", "folder")
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
@@ -257,18 +259,6 @@ def resize_images(images: np.ndarray, size: int, desc: str, progress: bool = Tru
     return _fill(len(images), size, make, desc, progress)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary sibling, then os.replace: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def cached_images(cache_file: Path, key: dict, shape: tuple, build: Callable[[], np.ndarray]) -> np.ndarray:
     """Load a decoded uint8 array from `cache_file` if its key file matches `key`, else build and
     save it. A stale, unreadable or wrongly shaped cache is rebuilt, never used. A read-only data
@@ -286,8 +276,8 @@ def cached_images(cache_file: Path, key: dict, shape: tuple, build: Callable[[],
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         # Array first, key second: a key only ever describes an array that is already complete.
-        _atomic_write(cache_file, lambda f: np.save(f, arr))
-        _atomic_write(key_file, lambda f: f.write(json.dumps(key, sort_keys=True).encode()))
+        atomic_write(cache_file, lambda f: np.save(f, arr))
+        atomic_write(key_file, lambda f: f.write(json.dumps(key, sort_keys=True).encode()))
     except OSError as e:
         print(f"note: could not write the image cache {cache_file}: {e}")
     return arr
