@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -71,14 +72,34 @@ def diversity(model, reader, captions: list[str], settings: dict, seed: int) -> 
     return out
 
 
-def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real_test: Optional[torch.Tensor] = None,
-                      real_train_feats: Optional[torch.Tensor] = None, n_per_text: int = 1, seed: int = 0,
-                      inception: Optional[str] = None, keep_images: bool = False) -> dict:
+@dataclass
+class RealFeatures:
+    """Features of the real images the generated ones are compared with, computed once per run (a
+    sweep compares many settings with them): CLIP features of the test and training images, and the
+    Inception network and test features when torchvision's weights are on the machine."""
+    test: torch.Tensor  # (N, E)
+    train: torch.Tensor  # (M, E)
+    inception: Optional[torch.nn.Module] = None
+    inception_test: Optional[torch.Tensor] = None  # (N, 2048)
+
+    @classmethod
+    def compute(cls, model, real_test: torch.Tensor, real_train: torch.Tensor,
+                inception_weights: Optional[str] = None) -> "RealFeatures":
+        """real_test, real_train: uint8 (N, 3, H, W) images."""
+        from dalle2.metrics import inception_features, load_inception
+        net = load_inception(model.device, inception_weights)
+        return cls(clip_features(model.clip, real_test), clip_features(model.clip, real_train), net,
+                   None if net is None else inception_features(real_test, model.device, model=net))
+
+
+def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real: Optional[RealFeatures] = None,
+                      n_per_text: int = 1, seed: int = 0, keep_images: bool = False) -> dict:
     """Generate for every prompt set with the sampling `settings` (guidance_scale, steps, ...) and
     measure. Returns {"settings", "sets": {name: {"faithfulness", ...}}, "diversity", "distance",
-    "memorisation", "seconds"} (+ "images" per set when keep_images)."""
+    "memorisation", "seconds"} (+ "images" per set when keep_images). Distances and memorisation
+    need `real`."""
     from dalle2.faithfulness import evaluate as faithfulness
-    from dalle2.metrics import fid_kid, memorisation
+    from dalle2.metrics import fid_kid_from_features, inception_features, memorisation
     t0 = time.perf_counter()
     result = {"settings": dict(settings), "sets": {}}
     test_images = None
@@ -98,34 +119,31 @@ def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real_
             test_images = images
     first = next(iter(prompt_sets.values()))
     result["diversity"] = diversity(model, reader, list(dict.fromkeys(first)), settings, seed)
-    if test_images is not None and real_test is not None:
+    if test_images is not None and real is not None:
         gen_u8 = to_uint8(test_images)
         gen_feats = clip_features(model.clip, gen_u8)
-        result["distance"] = distances(gen_feats, clip_features(model.clip, real_test), seed)
-        standard = fid_kid(real_test, gen_u8, model.device, weights_path=inception)
-        if standard is not None:
+        result["distance"] = distances(gen_feats, real.test, seed)
+        if real.inception is not None:
+            standard = fid_kid_from_features(real.inception_test,
+                                             inception_features(gen_u8, model.device, model=real.inception))
             result["distance"].update({"inception_fid": standard["fid"], "inception_kid": standard["kid_mean"]})
-        if real_train_feats is not None:
-            mem = memorisation(gen_feats, real_train_feats)
-            result["memorisation"] = {"nn_cosine_mean": mem["nn_cosine_mean"],
-                                      "near_duplicate_rate": mem["near_duplicate_rate"]}
+        mem = memorisation(gen_feats, real.train)
+        result["memorisation"] = {"nn_cosine_mean": mem["nn_cosine_mean"],
+                                  "near_duplicate_rate": mem["near_duplicate_rate"]}
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
-def reference_figures(clip, real_test: torch.Tensor, real_train: torch.Tensor, seed: int = 0) -> dict:
+def reference_figures(real: RealFeatures, seed: int = 0) -> dict:
     """What real data scores: train vs test distance (the floor a generator can reach with this many
     samples) and the near-duplicate rate of real test images against the training set."""
     from dalle2.metrics import memorisation
-    n = len(real_test)
     g = torch.Generator().manual_seed(seed)
-    train_feats = clip_features(clip, real_train)
-    subset = train_feats[torch.randperm(len(train_feats), generator=g)[:n]]
-    test_feats = clip_features(clip, real_test)
-    mem = memorisation(test_feats, train_feats)
-    return {"train_vs_test": distances(subset, test_feats, seed),
+    subset = real.train[torch.randperm(len(real.train), generator=g)[:len(real.test)]]
+    mem = memorisation(real.test, real.train)
+    return {"train_vs_test": distances(subset, real.test, seed),
             "real_test_near_duplicate_rate": mem["near_duplicate_rate"],
-            "real_test_nn_cosine_mean": mem["nn_cosine_mean"]}, train_feats
+            "real_test_nn_cosine_mean": mem["nn_cosine_mean"]}
 
 
 def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file: Optional[str], split: str,
@@ -201,9 +219,10 @@ def main(argv=None):
         from dalle2.reader import format_accuracy, reader_accuracy
         report["reader_accuracy"] = reader_accuracy(reader, n=1000, seed=123)
         print(format_accuracy(report["reader_accuracy"]))
-    report["reference"], train_feats = reference_figures(model.clip, real_test, real_train, args.seed)
-    result = evaluate_settings(model, reader, prompt_sets, settings, real_test=real_test, real_train_feats=train_feats,
-                               n_per_text=args.n, seed=args.seed, inception=args.inception, keep_images=True)
+    real = RealFeatures.compute(model, real_test, real_train, args.inception)
+    report["reference"] = reference_figures(real, args.seed)
+    result = evaluate_settings(model, reader, prompt_sets, settings, real=real, n_per_text=args.n, seed=args.seed,
+                               keep_images=True)
     report.update(result)
     out = Path(args.out) if args.out else Path(args.checkpoints) / "report"
     write_report(report, out, reader)

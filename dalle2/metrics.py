@@ -301,8 +301,15 @@ def fid_kid(real_uint8, fake_uint8, device, weights_path=None, kid_subsets: int 
     model = load_inception(device, weights_path)
     if model is None:
         return None
-    real = inception_features(real_uint8, device, model=model)
-    fake = inception_features(fake_uint8, device, model=model)
+    return fid_kid_from_features(inception_features(real_uint8, device, model=model),
+                                 inception_features(fake_uint8, device, model=model),
+                                 kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+
+
+def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100,
+                          kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """`fid_kid` on Inception features already computed (real: (N, 2048), fake: (M, 2048)), e.g. the
+    real images' once for several generated sets."""
     kid_mean, kid_std = kernel_distance(real, fake, subsets=kid_subsets, subset_size=kid_subset_size,
                                         seed=seed)
     return {

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from dalle2.cli import main_wrapper
-from dalle2.evaluate import evaluate_settings, load_everything, reference_figures
+from dalle2.evaluate import RealFeatures, evaluate_settings, load_everything
 from dalle2.files import atomic_write_text
 from dalle2.training import pick_device
 
@@ -56,15 +56,14 @@ def main(argv=None):
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(
         args.checkpoints, device, limit, None, "test", [], args.reader_cache)
-    _, train_feats = reference_figures(model.clip, real_test, real_train, args.seed)
+    real = RealFeatures.compute(model, real_test, real_train)  # once: every setting is compared with them
     grid = list(itertools.product(_floats(args.guidance), _floats(args.prior_guidance),
                                   [int(s) for s in args.steps.split(",") if s.strip()]))
     results = []
     for i, (g, pg, steps) in enumerate(grid, 1):
         settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps}
         print(f"[{i}/{len(grid)}] {settings}")
-        r = evaluate_settings(model, reader, prompt_sets, settings, real_test=real_test,
-                              real_train_feats=train_feats, seed=args.seed)
+        r = evaluate_settings(model, reader, prompt_sets, settings, real=real, seed=args.seed)
         results.append(r)
         print(f"    exact match {exact_match(r)}, CLIP FD {r['distance']['clip_fd']:.4f}, "
               f"diversity {r['diversity']['clip_pairwise_distance']:.4f}")

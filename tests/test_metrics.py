@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dalle2.metrics import (fid_kid, frechet_distance, inception_features, kernel_distance,
+from dalle2.metrics import (fid_kid, fid_kid_from_features, frechet_distance, inception_features, kernel_distance,
                             mean_pairwise_distance, memorisation, spread)
 
 
@@ -146,3 +146,8 @@ def test_inception_features_loads_local_state_dict(tmp_path):
     assert feats.shape == (2, 2048) and feats.dtype == torch.float32
     assert torch.isfinite(feats).all()
     assert not torch.allclose(feats[0], feats[1])  # different images, different features
+    # The evaluation computes the real images' features once and reuses them for every generated set.
+    fake = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(12))
+    whole = fid_kid(images, fake, "cpu", weights_path=path, kid_subset_size=2)
+    reused = fid_kid_from_features(feats, inception_features(fake, "cpu", weights_path=path), kid_subset_size=2)
+    assert whole == reused and whole["fid"] > 0
