@@ -55,15 +55,6 @@ def load_checkpoint(path: str | os.PathLike, stage: Optional[str] = None, map_lo
     return ckpt
 
 
-def file_hash(path: str | os.PathLike, length: int = 16) -> str:
-    """Short sha256 of a file's bytes: identifies which CLIP a cache or a later stage was built on."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
 def state_hash(state_dict: dict, length: int = 16) -> str:
     """Short sha256 of a state dict's tensors (name, shape, dtype and bytes), independent of the file."""
     h = hashlib.sha256()

@@ -32,7 +32,8 @@ from typing import Sequence
 
 from data.shapes import COLOURS, HOLDOUT_PAIRS, P_DROP_SIZE, SHAPES, sample_scene
 
-ATTRIBUTES = ("colour", "shape", "size", "position")
+from .reader import ATTRIBUTES
+
 SIZES = ("small", "medium", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left", "right", "center")
 DETERMINERS = ("a", "an", "the")
@@ -206,16 +207,6 @@ def evaluate(reader, images, captions: Sequence[str]) -> dict:
     rows = [score(p, d) for p, d in zip(parsed, reader.read(images))]
     heldout = [is_heldout(p) for p in parsed]
     return {"rows": rows, "heldout": heldout, "summary": aggregate(rows, heldout)}
-
-
-def format_summary(summary: dict) -> str:
-    """A small text table of aggregate()'s result."""
-    keys = ("colour", "shape", "size", "position", "binding", "count", "exact")
-    lines = [f"{'split':<8}{'n':>6}" + "".join(f"{k:>10}" for k in keys)]
-    for split, s in summary.items():
-        lines.append(f"{split:<8}{s['n']:>6}" + "".join(
-            f"{s[k]:>10.4f}" if s[k] is not None else f"{'-':>10}" for k in keys))
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ Pillow only: torch is never imported here, tensors are handled by duck typing so
 this module stays cheap and side-effect free.
 """
 
-import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -39,10 +38,8 @@ def _font():
     return ImageFont.load_default()
 
 
-def _wrap(text: str, font, max_px: int, width_chars=None) -> list[str]:
-    """Greedy word wrap, by character count when width_chars is given, else by rendered pixel width."""
-    if width_chars is not None:
-        return textwrap.wrap(text, width=width_chars) or [""]
+def _wrap(text: str, font, max_px: int) -> list[str]:
+    """Greedy word wrap at a rendered pixel width."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}" if line else word
@@ -55,13 +52,12 @@ def _wrap(text: str, font, max_px: int, width_chars=None) -> list[str]:
     return lines
 
 
-def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int = 4,
-                   width_chars=None) -> Image.Image:
+def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int = 4) -> Image.Image:
     """Lay images out in a grid with each caption wrapped underneath, on a white background.
 
     images: PIL images (or (3, H, W) tensors, see to_pil), each upscaled by `scale` with NEAREST so
     32 px samples stay crisp and readable. captions: one string per image ("" for none).
-    width_chars: wrap captions at this many characters; default wraps at the tile's pixel width.
+    Captions wrap at the tile's pixel width.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -76,7 +72,7 @@ def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int 
     font = _font()
     left, top, right, bottom = font.getbbox("Ag")
     line_h = bottom + 2  # glyph height plus a little leading
-    wrapped = [_wrap(c, font, tile_w, width_chars) for c in captions]
+    wrapped = [_wrap(c, font, tile_w) for c in captions]
     text_h = max(len(w) for w in wrapped) * line_h + 4
 
     pad = 4

@@ -549,10 +549,6 @@ class StepBatches:
             out[sel] = self.permutation(e)[offsets[sel]]
         return out
 
-    def epoch(self, step: int) -> float:
-        """How many passes over the data the global batches before `step` make."""
-        return step * self.batch_size / self.n
-
     def generator(self, step: int) -> torch.Generator:
         """A CPU generator for this step's augmentation randomness (flips, caption variants),
         seeded from (seed, step, rank): reproducible on resume, different on each rank."""
