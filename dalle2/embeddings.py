@@ -57,8 +57,9 @@ class Embeddings:
 
 
 @torch.no_grad()
-def compute_embeddings(clip, ds: CaptionedImages, clip_hash: str, batch_size: int = 1024,
+def compute_embeddings(clip, ds: CaptionedImages, clip_hash: str, key: str, batch_size: int = 1024,
                        progress: bool = True) -> Embeddings:
+    """CLIP features of every image (plain and flipped) and caption of `ds`; key = data_key(ds)."""
     clip.eval()
     dev = clip.device
     image_emb = torch.empty(len(ds), 2, clip.embed_dim, dtype=torch.float16)
@@ -78,7 +79,7 @@ def compute_embeddings(clip, ds: CaptionedImages, clip_hash: str, batch_size: in
         bar.update(len(emb))
     bar.close()
     return Embeddings(image_emb, torch.cat(embs).half(), torch.cat(encs), torch.cat(masks), tokens,
-                      clip_hash, data_key(ds))
+                      clip_hash, key)
 
 
 def load_or_compute(clip, clip_hash: str, ds: CaptionedImages, cache_dir: str | Path, split: str,
@@ -95,7 +96,7 @@ def load_or_compute(clip, clip_hash: str, ds: CaptionedImages, cache_dir: str | 
             log(f"embedding cache {path} was built from other data: rebuilding it")
         except Exception as e:  # a truncated or foreign file is rebuilt, never trusted
             log(f"embedding cache {path} is unreadable ({type(e).__name__}): rebuilding it")
-    emb = compute_embeddings(clip, ds, clip_hash, progress=progress)
+    emb = compute_embeddings(clip, ds, clip_hash, key, progress=progress)  # the data is hashed once
     atomic_torch_save({k: getattr(emb, k) for k in ("image_emb", "text_emb", "text_enc", "text_mask", "tokens",
                                                      "clip_hash", "data_key")}, path)
     return emb
