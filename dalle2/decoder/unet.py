@@ -309,8 +309,8 @@ class UNet(nn.Module):
             tokens = torch.zeros(n, 2, dtype=torch.long, device=image_emb.device)  # placeholder, replaced by the null
             drop_text = torch.ones_like(drop_text)
         cond_emb, context, context_mask = self.condition(image_emb, tokens, drop_clip, drop_text)
-        blocks = [m for m in self.modules() if isinstance(m, ContextAttentionBlock)]  # registration = forward order
-        return {"emb": cond_emb, "ctx": [b.context_kv(context, context_mask) for b in blocks]}
+        stages = [s for s in (*self.down, *self.middle, *self.up) if isinstance(s, UNetStage) and s.attn is not None]
+        return {"emb": cond_emb, "ctx": [s.attn.context_kv(context, context_mask) for s in stages]}  # forward order
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, image_emb: Optional[torch.Tensor] = None,
                 tokens: Optional[torch.Tensor] = None, cond_drop: Optional[torch.Tensor] = None,
