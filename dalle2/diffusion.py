@@ -31,7 +31,7 @@ OBJECTIVES = ("eps", "x0", "v")
 SCHEDULES = ("cosine", "linear")
 LOSS_WEIGHTINGS = ("plain", "min_snr")
 SAMPLERS = ("ddim", "ddpm")
-CLIPPINGS = (None, "static", "dynamic")
+CLIPPINGS = (None, "none", "static", "dynamic")  # "none" (the config's spelling) = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ class GaussianDiffusion:
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         out = model_fn(x, self._model_t(t))
         x0, eps = self.model_output_to_x0_eps(x, t, out)
-        if clip_x0 is not None:
+        if clip_x0 not in (None, "none"):
             x0 = x0.clamp(-1.0, 1.0) if clip_x0 == "static" else dynamic_threshold(x0, quantile)
             eps = self.predict_eps_from_x0(x, t, x0)
         return t, x0, eps
@@ -393,7 +393,7 @@ class GaussianDiffusion:
             original timesteps. sampler: "ddim" (Song et al. 2021 eq. 12 with eta; eta = 0 is
             deterministic given the initial noise) or "ddpm" (ancestral sampling from the posterior
             q(x_{i-1} | x_i, x0_hat) of the respaced chain). The last step returns the predicted x0.
-        clip_x0: None, "static" (clamp predicted x0 to [-1, 1]) or "dynamic" (Imagen thresholding at
+        clip_x0: None or "none", "static" (clamp predicted x0 to [-1, 1]) or "dynamic" (Imagen thresholding at
             `dynamic_threshold_quantile`); only the predicted x0 is clipped, never x_t.
         generator: draws the initial noise (unless `noise` is given) and the per-step noise, batched, on
             the generator's device. guidance_scale and the per-step model calls: see `step_model`.

@@ -56,7 +56,7 @@ def main(argv=None):
             g = torch.Generator(device=dev).manual_seed(0)
             x = model.sample(grid_emb, grid_tokens, steps=s.steps, sampler=s.sampler, eta=s.eta,
                              guidance_scale=s.guidance_scale, generator=g,
-                             clip_x0=None if s.clip_x0 == "none" else s.clip_x0)
+                             clip_x0=s.clip_x0)
             real = [to_pil(test.images[i]) for i in range(n)]
             fake = [to_pil((x[i].float().cpu() + 1) / 2) for i in range(n)]
             grid = captioned_grid(real + fake, ["(real) " + c for c in grid_caps] + grid_caps, cols=n)

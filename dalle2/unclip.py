@@ -152,11 +152,10 @@ class DALLE2(nn.Module):
     def _decode(self, image_emb, tokens, *, guidance_scale=None, steps=None, sampler=None, eta=None,
                 generator=None, noise=None) -> torch.Tensor:
         """Decoder sampling with config defaults; returns (N, 3, H, W) in [0, 1]."""
-        clip_x0 = self.sampling.clip_x0
         x = self.decoder.sample(image_emb, tokens, steps=self._opt(steps, "steps"),
                                 sampler=self._opt(sampler, "sampler"), eta=self._opt(eta, "eta"),
                                 guidance_scale=self._opt(guidance_scale, "guidance_scale"), generator=generator,
-                                noise=noise, clip_x0=None if clip_x0 == "none" else clip_x0)
+                                noise=noise, clip_x0=self.sampling.clip_x0)
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def forward(self, shape=(3, 32, 32), text: str = "", cf_guidance_scale: Optional[float] = None,

@@ -363,6 +363,7 @@ def test_static_clipping_keeps_x0_in_range():
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     unclipped = d.sample(wild, (4, 2, 3, 3), steps=10, generator=g())
     assert unclipped.abs().max() > 1.5
+    assert torch.equal(d.sample(wild, (4, 2, 3, 3), steps=10, generator=g(), clip_x0="none"), unclipped)  # config spelling
     for sampler in ("ddim", "ddpm"):
         out, preds = d.sample(wild, (4, 2, 3, 3), steps=10, sampler=sampler, generator=g(), clip_x0="static",
                               return_x0=True)
