@@ -37,7 +37,7 @@ def main(argv=None):
 
         train = train.to(dev)
         tokens = tokenizer(train.captions).to(dev)  # (U, L): every caption tokenized once
-        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size)
+        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size, device=dist.device)
 
         def get_batch(step: int) -> dict:
             images, caption_ids, _ = train.sample(batches.indices(step), batches.generator(step), cfg.data.flip)

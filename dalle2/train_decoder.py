@@ -36,10 +36,10 @@ def main(argv=None):
                           extra={"clip_hash": clip_hash}, dist_info=dist)
         del clip
         train, emb_train = train.to(dev), emb_train.to(dev)
-        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size)
+        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size, device=dev)
 
         def get_batch(step: int) -> dict:
-            idx = batches.indices(step).to(dev)
+            idx = batches.indices(step)  # drawn on the device: no host-device sync
             images, caption_ids, flipped = train.sample(idx, batches.generator(step), cfg.data.flip)
             # the embedding of the view the decoder sees: flipped image <-> flipped embedding
             return {"images": to_float(images), "image_emb": emb_train.image(idx, flipped),

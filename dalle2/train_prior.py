@@ -29,10 +29,10 @@ def main(argv=None):
                           extra={"clip_hash": clip_hash}, dist_info=dist)
         del clip  # the prior trains on cached embeddings only
         emb_train, train = emb_train.to(dev), train.to(dev)
-        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size)
+        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size, device=dev)
 
         def get_batch(step: int) -> dict:
-            idx = batches.indices(step).to(dev)
+            idx = batches.indices(step)  # drawn on the device: no host-device sync
             _, caption_ids, flipped = train.sample(idx, batches.generator(step), cfg.data.flip)
             return {"image_emb": emb_train.image(idx, flipped), **emb_train.text(caption_ids)}
 

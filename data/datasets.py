@@ -153,31 +153,29 @@ class CaptionedImages:
     def sample(self, idx: torch.Tensor, generator: torch.Generator, flip: bool):
         """Gather a batch, flip half of it at random, and pick a random real caption variant per row.
 
-        idx: (B,) long image indices (any device). generator: a CPU generator, the only randomness.
-        Returns images (B, 3, H, W) uint8, caption ids (B,) long and flipped (B,) bool, all on the
-        images' device. A flipped row's image is mirrored left-right and its caption replaced by
+        idx: (B,) long image indices. generator: the only randomness; on the images' device (e.g.
+        `StepBatches.generator`), nothing here waits for the GPU: no host copy, no data-dependent
+        shape. Returns images (B, 3, H, W) uint8, caption ids (B,) long and flipped (B,) bool, all on
+        the images' device. A flipped row's image is mirrored left-right and its caption replaced by
         its flip (left <-> right), so image and caption still agree.
         """
         device = self.images.device
-        idx = idx.to(device)
+        idx = idx.to(device)  # a no-op for indices from StepBatches(device=...)
         b = idx.shape[0]
-        # Draw on the CPU generator, in a fixed order, so results do not depend on the device.
-        u = torch.rand(b, generator=generator)
-        flipped = torch.rand(b, generator=generator) < 0.5
+        # Two draws in a fixed order from one generator: the same batch for the same step on resume.
+        u = torch.rand(b, generator=generator, device=generator.device).to(device)
+        flipped = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(device)
         if not flip:
-            flipped.zero_()
-        rows = flipped.nonzero().squeeze(1).to(device)  # found on the CPU: no GPU sync
-        u, flipped = u.to(device), flipped.to(device)
+            flipped = torch.zeros_like(flipped)
 
         num = self.num_captions.index_select(0, idx)  # (B,)
         variant = torch.minimum((u * num).long(), num - 1)  # uniform over the real variants only
         cap = self.caption_ids.index_select(0, idx).gather(1, variant[:, None]).squeeze(1)  # (B,)
         cap = torch.where(flipped, self.flip_ids[cap], cap)
-        # index_select copies whole rows (memcpy), far faster than advanced indexing of uint8;
-        # only the flipped rows are mirrored, in place.
+        # index_select copies whole rows (memcpy), far faster than advanced indexing of uint8; the
+        # mirror is a select over the whole batch (finding the flipped rows first would be a sync).
         images = self.images.index_select(0, idx)  # (B, 3, H, W)
-        if rows.numel():
-            images.index_copy_(0, rows, images.index_select(0, rows).flip(-1))
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)  # (B, 3, H, W)
         return images, cap, flipped
 
     def caption_of(self, i: int) -> str:
@@ -512,7 +510,8 @@ class StepBatches:
     the end of one permutation and the start of the next (it may repeat an image).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 device="cpu"):
         if n < 1:
             raise ValueError(f"StepBatches needs a non-empty dataset, got n={n}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -522,34 +521,35 @@ class StepBatches:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch_size = batch_size // world_size
+        # Permutations, indices and the augmentation generator live on `device` (the GPU in training), so
+        # a step's batch is drawn without a host-to-device copy. The same device gives the same batches.
+        self.device = torch.device(device)
         self._perms: dict = {}  # a small cache of recent permutations; results never depend on it
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """The order of epoch `epoch`: a permutation of range(n), (n,) long."""
+        """The order of epoch `epoch`: a permutation of range(n), (n,) long on `device`."""
         perm = self._perms.get(epoch)
         if perm is None:
-            g = torch.Generator().manual_seed(_mix("epoch", self.seed, epoch))
-            perm = torch.randperm(self.n, generator=g)
+            g = torch.Generator(device=self.device).manual_seed(_mix("epoch", self.seed, epoch))
+            perm = torch.randperm(self.n, generator=g, device=self.device)
             if len(self._perms) >= 4:
                 self._perms.pop(next(iter(self._perms)))
             self._perms[epoch] = perm
         return perm
 
     def indices(self, step: int) -> torch.Tensor:
-        """This rank's image indices for `step`: (batch_size // world_size,) long, on the CPU."""
+        """This rank's image indices for `step`: (batch_size // world_size,) long, on `device`."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         b = self.local_batch_size
-        start = step * self.batch_size + self.rank * b
-        pos = torch.arange(start, start + b)
-        epochs, offsets = pos // self.n, pos % self.n
-        out = torch.empty(b, dtype=torch.long)
-        for e in range(int(epochs[0]), int(epochs[-1]) + 1):
-            sel = epochs == e
-            out[sel] = self.permutation(e)[offsets[sel]]
-        return out
+        start = step * self.batch_size + self.rank * b  # stream positions [start, start + b)
+        parts = []
+        for e in range(start // self.n, (start + b - 1) // self.n + 1):  # python ints: no device sync
+            lo, hi = max(start, e * self.n) - e * self.n, min(start + b, (e + 1) * self.n) - e * self.n
+            parts.append(self.permutation(e)[lo:hi])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def generator(self, step: int) -> torch.Generator:
-        """A CPU generator for this step's augmentation randomness (flips, caption variants),
+        """A generator on `device` for this step's augmentation randomness (flips, caption variants),
         seeded from (seed, step, rank): reproducible on resume, different on each rank."""
-        return torch.Generator().manual_seed(_mix("step", self.seed, step, self.rank))
+        return torch.Generator(device=self.device).manual_seed(_mix("step", self.seed, step, self.rank))
