@@ -25,7 +25,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 OBJECTIVES = ("eps", "x0", "v")
 SCHEDULES = ("cosine", "linear")
@@ -76,14 +75,15 @@ def respaced_timesteps(T: int, steps: int) -> torch.Tensor:
     return (2 * i * (T - 1) + (steps - 1)) // (2 * (steps - 1))
 
 
-_DEVICE_COPIES = WeakIdKeyDictionary()  # schedule array -> {(device, dtype): converted copy}
-
-
 def _on(arr: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     """`arr` on `device` in `dtype`, converted once per array. The schedule arrays live on the CPU in
     float64; converting them on every call would put a host-to-device copy into every training and
-    sampling step (and a pageable copy makes the CPU wait for the GPU)."""
-    copies = _DEVICE_COPIES.setdefault(arr, {})
+    sampling step (and a pageable copy makes the CPU wait for the GPU). The copies are kept in a plain
+    dict on the array itself: torch.compile traces that lookup, so a compiled training step has no
+    graph break here (a WeakIdKeyDictionary, used before, broke the graph at every call)."""
+    copies = getattr(arr, "_device_copies", None)
+    if copies is None:
+        copies = arr._device_copies = {}
     key = (torch.device(device), dtype)
     if key not in copies:
         copies[key] = arr.to(device=device, dtype=dtype)
