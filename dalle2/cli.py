@@ -46,12 +46,18 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop after this many minutes as if training had finished (final checkpoint, evaluation)")
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help=f"size the run to this many minutes of training (sets {stage}.train.budget_minutes): "
+                   "the step count is fixed from the measured speed, the LR schedule completes")
+    p.set_defaults(stage=stage)
     if stage != "clip":
         p.add_argument("--clip", default=None, help="CLIP checkpoint (default: OUT/clip.pt)")
     return p
 
 
 def load_and_print_config(args: argparse.Namespace, is_main: bool = True):
+    if getattr(args, "budget", None) is not None:  # --budget MIN is --set <stage>.train.budget_minutes=MIN
+        args.overrides = [*args.overrides, f"{args.stage}.train.budget_minutes={args.budget}"]
     cfg = config_from_args(args)
     if is_main and not getattr(args, "quiet", False):
         print(f"# resolved config (preset {cfg.preset})\n{cfg.to_yaml()}", end="")

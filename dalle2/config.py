@@ -55,7 +55,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _opt(10000, "optimizer steps", min=1)
+    steps: int = _opt(10000, "optimizer steps (with budget_minutes: at most this many)", min=1)
+    budget_minutes: float = _opt(0.0, "0 = train for `steps`; > 0 = size the run to this many minutes of training: "
+                                 "throughput is measured over the first steps and the step count fixed so that "
+                                 "warm-up and the whole cosine decay fit", min=0.0)
     batch_size: int = _opt(512, "global batch size (split across DDP ranks)", min=1)
     lr: float = _opt(5e-4, "peak learning rate (AdamW)", min=0.0)
     min_lr_ratio: float = _opt(0.1, "cosine decay ends at lr * min_lr_ratio", min=0.0, max=1.0)

@@ -107,11 +107,13 @@ def load_data(data_cfg, dist_info: DistInfo):
 
 # --- optimisation helpers ---------------------------------------------------------------------
 
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to tc.lr, then cosine decay to tc.lr * tc.min_lr_ratio at tc.steps."""
+def lr_at(step: int, tc: TrainConfig, total_steps: Optional[int] = None) -> float:
+    """Linear warm-up to tc.lr, then cosine decay to tc.lr * tc.min_lr_ratio at total_steps (default
+    tc.steps; a budget-sized run passes the step count it fixed)."""
+    total = tc.steps if total_steps is None else total_steps
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    progress = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
     floor = tc.lr * tc.min_lr_ratio
     return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -160,6 +162,17 @@ class _Objective(nn.Module):
         return self.model.loss(**batch)
 
 
+# A budget-sized run (train.budget_minutes > 0) times steps PROBE_SKIP .. PROBE_SKIP + PROBE_STEPS of
+# this process (the first ones compile, benchmark cuDNN and grow the allocator) and keeps a margin for
+# checkpoint writes and timing noise.
+PROBE_SKIP, PROBE_STEPS, BUDGET_MARGIN = 5, 20, 0.96
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     # Reseeding the global RNG from (seed, step, rank) every step makes dropout and diffusion noise a
     # function of the step, so a resumed run draws exactly what the uninterrupted run drew.
@@ -187,6 +200,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, train_cfg)
         self.ema = EMA(self.model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.step = 0
+        # The step count the LR schedule runs to: train.steps, or what fits in train.budget_minutes
+        # (fixed once, after the throughput probe, and saved in the checkpoint so a resume is exact).
+        self.total_steps = train_cfg.steps
+        self.sized = train_cfg.budget_minutes <= 0
         objective = _Objective(self.model)
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -204,6 +221,7 @@ class Trainer:
             "stage": self.stage, "format": FORMAT, "step": self.step, "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
             "model": self.eval_model.state_dict(), "extra": self.extra,
+            "budget_steps": self.total_steps if self.tc.budget_minutes > 0 and self.sized else None,
         }
         if not final:
             payload.update({
@@ -242,6 +260,8 @@ class Trainer:
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.step = int(ckpt["step"])
+        if self.tc.budget_minutes > 0 and ckpt.get("budget_steps"):  # keep the schedule the run was sized to
+            self.total_steps, self.sized = int(ckpt["budget_steps"]), True
         self.extra = {**(ckpt.get("extra") or {}), **self.extra}
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the saved step
             lines = [l for l in self.metrics_path.read_text().splitlines() if l.strip()]
@@ -266,7 +286,7 @@ class Trainer:
             evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
             sample: Optional[Callable[[nn.Module, int], None]] = None,
             time_limit: Optional[float] = None) -> nn.Module:
-        """Train to tc.steps; returns the eval model (EMA when on). `evaluate(model, step) -> dict`
+        """Train to self.total_steps (tc.steps, or what fits in tc.budget_minutes); returns the eval model (EMA when on). `evaluate(model, step) -> dict`
         and `sample(model, step)` run on rank 0 at their intervals and at the end (the final
         evaluation is printed as a table). `time_limit` (minutes): finish early, as if the last step
         were reached (final checkpoint, evaluation),
@@ -278,22 +298,23 @@ class Trainer:
             self.print(f"[{self.stage}] resumed from {self.resume_path} at step {self.step}")
         elif resume:
             self.print(f"[{self.stage}] nothing to resume in {self.run_dir}: starting from step 0")
-        if self.step >= tc.steps and self.final_path.exists():
+        if self.step >= self.total_steps and self.final_path.exists():
             # Resumed a finished run (same model, image size and CLIP, checked by try_resume): nothing to do.
-            self.print(f"[{self.stage}] already trained to step {self.step} >= {tc.steps}: {self.final_path}")
+            self.print(f"[{self.stage}] already trained to step {self.step} >= {self.total_steps}: {self.final_path}")
             return self.eval_model
         self.model.train()
         bad = torch.zeros((), dtype=torch.bool, device=dev)  # any non-finite loss since the last check
         loss_sum = torch.zeros((), device=dev)
         n_logged, t_last = 0, time.perf_counter()
         t_start = time.perf_counter()
-        bar = tqdm(total=tc.steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True)
+        probe = {"start_step": self.step}
         try:
             last = False
-            while self.step < tc.steps and not last:
+            while self.step < self.total_steps and not last:
                 step = self.step
-                lr = lr_at(step, tc)
+                lr = lr_at(step, tc, self.total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 torch.manual_seed(_step_seed(tc.seed, step, self.dist.rank))
@@ -313,12 +334,14 @@ class Trainer:
                 n_logged += 1
                 self.step = step + 1
                 bar.update(1)
+                if not self.sized:
+                    self._size_to_budget(probe, t_start, bar)
                 out_of_time = time_limit is not None and time.perf_counter() - t_start > 60 * time_limit
                 if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
                     flag = torch.tensor(float(out_of_time), device=dev)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     out_of_time = bool(flag.item())
-                last = self.step == tc.steps or out_of_time
+                last = self.step >= self.total_steps or out_of_time
                 if self.step % tc.log_every == 0 or last:
                     self._check_finite(bad)
                     if self.dist.world_size > 1:
@@ -345,8 +368,8 @@ class Trainer:
                        f"continue with --resume")
             raise
         bar.close()
-        if self.step < tc.steps:
-            self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {tc.steps}")
+        if self.step < self.total_steps:
+            self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {self.total_steps}")
         self.save(final=True)
         if evaluate is not None:
             self._run_callback(evaluate, "eval", final=True)
@@ -354,6 +377,37 @@ class Trainer:
             self._run_callback(sample, "sample")
         self.print(f"[{self.stage}] done: {self.final_path}")
         return self.eval_model
+
+    def _size_to_budget(self, probe: dict, t_start: float, bar) -> None:
+        """Fix self.total_steps from the speed of this process's steps PROBE_SKIP .. PROBE_SKIP +
+        PROBE_STEPS, so that the whole warm-up + cosine schedule ends inside train.budget_minutes
+        (capped at train.steps). Two device syncs in the whole run; rank 0's count is used by all ranks.
+        Evaluations and sample grids inside the loop are not in the estimate (budget runs evaluate at
+        the end)."""
+        done = self.step - probe["start_step"]
+        if done == PROBE_SKIP:
+            _sync(self.device)
+            probe["t0"] = time.perf_counter()
+        if done < PROBE_SKIP + PROBE_STEPS:
+            return
+        _sync(self.device)
+        now = time.perf_counter()
+        per_step = (now - probe["t0"]) / PROBE_STEPS
+        remaining = 60 * self.tc.budget_minutes - (now - t_start)
+        total = self.step + max(0, int(BUDGET_MARGIN * remaining / per_step))
+        total = max(self.step, min(self.tc.steps, total))
+        if self.dist.world_size > 1:
+            t = torch.tensor(total, device=self.device)
+            dist.broadcast(t, src=0)
+            total = int(t.item())
+        self.total_steps, self.sized = total, True
+        bar.total = total
+        bar.refresh()
+        ips = self.tc.batch_size / per_step
+        note = "" if total >= 2 * self.tc.warmup_steps else f" (less than twice the {self.tc.warmup_steps} warm-up steps)"
+        self.print(f"[{self.stage}] budget {self.tc.budget_minutes:g} min: {1 / per_step:.1f} steps/s "
+                   f"({ips:.0f} images/s) measured, so {total} steps{note}")
+        self.log({"step": self.step, "budget_steps": total, "steps_per_s": 1 / per_step, "images_per_s": ips})
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if bool(bad):

@@ -160,3 +160,61 @@ def test_time_limit_finishes_early_with_a_final_checkpoint(tmp_path):
     resumed = make_trainer(tmp_path, steps=50)
     resumed.fit(get_batch, resume=True)  # --resume continues to the configured steps
     assert load_checkpoint(tmp_path / "clip.pt")["step"] == 50
+
+
+class FakeClock:
+    """time.perf_counter for dalle2.training that advances one second per training step (per batch)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def batches(self, step):
+        self.now += 1.0
+        return get_batch(step)
+
+
+def test_budget_sizes_the_run_and_completes_the_schedule(tmp_path, monkeypatch):
+    import dalle2.training as training
+    clock = FakeClock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    trainer = make_trainer(tmp_path, steps=10_000, budget_minutes=1.0, save_every=1000, log_every=1000)
+    trainer.fit(clock.batches)
+    # 1 s per step measured over steps 5..25; 25 s spent, 35 s left, 4% margin: 25 + int(0.96 * 35) = 58
+    assert trainer.total_steps == trainer.step == 58
+    final = load_checkpoint(tmp_path / "clip.pt", "clip")
+    assert final["step"] == 58 and final["budget_steps"] == 58
+    tc = trainer.tc
+    assert lr_at(57, tc, 58) == pytest.approx(tc.lr * tc.min_lr_ratio, rel=2e-2)  # the cosine ran to its end
+    records = [json.loads(l) for l in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("budget_steps") == 58 for r in records)
+
+
+def test_budget_capped_by_steps_and_resume_keeps_the_sized_schedule(tmp_path, monkeypatch):
+    import dalle2.training as training
+    clock = FakeClock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    capped = make_trainer(tmp_path / "capped", steps=40, budget_minutes=10.0)
+    capped.fit(clock.batches)
+    assert capped.total_steps == 40  # the budget would allow ~570 steps; train.steps is the maximum
+
+    straight = make_trainer(tmp_path / "straight", steps=10_000, budget_minutes=1.0, save_every=10)
+    straight.fit(clock.batches)
+
+    def interrupting(step):
+        if step == 35:
+            raise KeyboardInterrupt
+        return clock.batches(step)
+
+    first = make_trainer(tmp_path / "resumed", steps=10_000, budget_minutes=1.0, save_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(interrupting)
+    # resumed much later and on a "faster" machine: the saved step count, not a new measurement, decides
+    clock.now += 10_000
+    resumed = make_trainer(tmp_path / "resumed", steps=10_000, budget_minutes=1.0, save_every=10)
+    resumed.fit(get_batch, resume=True)
+    assert resumed.total_steps == straight.total_steps == 58
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
