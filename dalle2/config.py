@@ -130,9 +130,12 @@ class DecoderModelConfig:
     attention_resolutions: list[int] = _list([16, 8], "feature-map sides with attention over image + context", min=1)
     head_channels: int = _opt(64, "channels per attention head", min=1)
     dropout: float = _opt(0.1, "dropout in residual blocks", min=0.0, max=1.0)
-    text_width: int = _opt(256, "decoder text transformer width", min=1)
-    text_layers: int = _opt(4, "decoder text transformer layers", min=1)
-    text_heads: int = _opt(4, "decoder text transformer heads", min=1)
+    text_encoder: str = _opt("own", "caption features: 'own' (the decoder's causal transformer on the tokens) or "
+                             "'clip' (CLIP's per-token encodings, cached in training, projected to text_width)",
+                             choices=("own", "clip"))
+    text_width: int = _opt(256, "width of the caption context (own: the decoder's text transformer)", min=1)
+    text_layers: int = _opt(4, "decoder text transformer layers (text_encoder 'own')", min=1)
+    text_heads: int = _opt(4, "decoder text transformer heads (text_encoder 'own')", min=1)
     clip_tokens: int = _opt(4, "context tokens projected from the CLIP image embedding", min=1)
     clip_drop_prob: float = _opt(0.1, "CLIP embedding dropped this often in training", min=0.0, max=1.0)
     text_drop_prob: float = _opt(0.5, "caption dropped this often in training (independently)", min=0.0, max=1.0)

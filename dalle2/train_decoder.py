@@ -42,19 +42,23 @@ def main(argv=None):
             idx = batches.indices(step)  # drawn on the device: no host-device sync
             images, caption_ids, flipped = train.sample(idx, batches.generator(step), cfg.data.flip)
             # the embedding of the view the decoder sees: flipped image <-> flipped embedding
-            return {"images": to_float(images), "image_emb": emb_train.image(idx, flipped),
-                    "tokens": emb_train.tokens[caption_ids]}
+            text = ({"tokens": emb_train.tokens[caption_ids]} if decoder.unet.text_source == "own" else
+                    {"text_enc": emb_train.text_enc[caption_ids].float(), "text_mask": emb_train.text_mask[caption_ids]})
+            return {"images": to_float(images), "image_emb": emb_train.image(idx, flipped), **text}
 
         n = min(GRID_IMAGES, len(test))
         grid_caps = [test.caption_of(i) for i in range(n)]
-        grid_tokens = emb_test.tokens[test.caption_ids[:n, 0]].to(dev)
+        grid_caps_ids = test.caption_ids[:n, 0]
+        grid_text = {"text_enc": emb_test.text_enc[grid_caps_ids].float().to(dev),
+                     "text_mask": emb_test.text_mask[grid_caps_ids].to(dev)}
+        grid_tokens = emb_test.tokens[grid_caps_ids].to(dev)
         grid_emb = emb_test.image_emb[:n, 0].float().to(dev)
         samples_dir = Path(args.out) / "decoder" / "samples"
         s = cfg.sampling
 
         def sample(model, step):
             g = torch.Generator(device=dev).manual_seed(0)
-            x = model.sample(grid_emb, grid_tokens, steps=s.steps, sampler=s.sampler, eta=s.eta,
+            x = model.sample(grid_emb, grid_tokens, **grid_text, steps=s.steps, sampler=s.sampler, eta=s.eta,
                              guidance_scale=s.guidance_scale, generator=g,
                              clip_x0=s.clip_x0)
             real = [to_pil(test.images[i]) for i in range(n)]

@@ -146,13 +146,15 @@ class DALLE2(nn.Module):
                                       guidance_scale=self._opt(prior_guidance_scale, "prior_guidance_scale"),
                                       candidates=self._opt(candidates, "candidates"), generator=g)
         x = self._decode(image_emb, tokens, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                         eta=eta, generator=g)
+                         eta=eta, generator=g, text_enc=text_enc, text_mask=text_mask)
         return x, image_emb
 
     def _decode(self, image_emb, tokens, *, guidance_scale=None, steps=None, sampler=None, eta=None,
-                generator=None, noise=None) -> torch.Tensor:
-        """Decoder sampling with config defaults; returns (N, 3, H, W) in [0, 1]."""
-        x = self.decoder.sample(image_emb, tokens, steps=self._opt(steps, "steps"),
+                generator=None, noise=None, text_enc=None, text_mask=None) -> torch.Tensor:
+        """Decoder sampling with config defaults; the caption as tokens and CLIP's encodings of them (the
+        decoder reads the one it was built for; all None = no caption). Returns (N, 3, H, W) in [0, 1]."""
+        x = self.decoder.sample(image_emb, tokens, text_enc=text_enc, text_mask=text_mask,
+                                steps=self._opt(steps, "steps"),
                                 sampler=self._opt(sampler, "sampler"), eta=self._opt(eta, "eta"),
                                 guidance_scale=self._opt(guidance_scale, "guidance_scale"), generator=generator,
                                 noise=noise, clip_x0=self.sampling.clip_x0)

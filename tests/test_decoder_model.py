@@ -253,3 +253,64 @@ def test_decoder_sample_shape_range_determinism():
     assert a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b)
     assert dec.unet.training
+
+
+def test_clip_and_caption_conditioning_start_at_the_same_scale():
+    # A unit-norm CLIP embedding of width E has coordinates ~1/sqrt(E); without rescaling, its context
+    # tokens and its timestep-embedding term came out ~20x smaller than the caption's (rms 0.05 vs 1).
+    unet = UNet(image_size=16, **{**TINY, "embed_dim": 256, "text_width": 64})
+    n = 32
+    g = torch.Generator().manual_seed(0)
+    emb = nn.functional.normalize(torch.randn(n, 256, generator=g), dim=-1)
+    tokens = torch.randint(1, TINY["vocab_size"], (n, 10), generator=g)
+    keep = torch.zeros(n, dtype=torch.bool)
+    cond_emb, context, mask = unet.condition(emb, tokens, keep, keep)
+    rms = lambda x: x.pow(2).mean().sqrt().item()
+    clip_tokens, text_tokens = context[:, :unet.clip_tokens], context[:, unet.clip_tokens:unet.clip_tokens + 10]
+    assert 0.5 < rms(clip_tokens) / rms(text_tokens) < 2.0
+    text, tmask = unet.text_encoder(tokens)
+    clip_term = unet.clip_to_emb(emb * unet.clip_scale)
+    text_term = unet.text_to_emb(text[:, -1])
+    assert 0.5 < rms(clip_term) / rms(text_term) < 2.0
+
+
+def clip_text_unet():
+    torch.manual_seed(0)
+    return perturb(UNet(image_size=16, **{**TINY, "text_encoder": "clip", "clip_text_width": 24})).eval()
+
+
+def test_clip_text_encodings_as_the_caption_context():
+    # text_encoder "clip": no text tower of its own; the caption context is CLIP's per-token encodings
+    unet = clip_text_unet()
+    assert not hasattr(unet, "text_encoder") and sum(p.numel() for p in unet.text_in.parameters()) < 2000
+    x, t, emb, _ = inputs(3)
+    g = torch.Generator().manual_seed(5)
+    enc, enc2 = torch.randn(3, 7, 24, generator=g), torch.randn(3, 7, 24, generator=g)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    out = unet(x, t, image_emb=emb, text_enc=enc, text_mask=mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, unet(x, t, image_emb=emb, text_enc=enc2, text_mask=mask))  # the caption matters
+    cond = unet.prepare_conditioning(image_emb=emb, text_enc=enc, text_mask=mask)
+    assert torch.allclose(unet(x, t, cond=cond), out, atol=1e-6)
+    # padding positions (mask False) do not change the output
+    padded = torch.cat([enc, torch.randn(3, 3, 24, generator=g)], 1)
+    pmask = torch.cat([mask, torch.zeros(3, 3, dtype=torch.bool)], 1)
+    assert torch.allclose(unet(x, t, image_emb=emb, text_enc=padded, text_mask=pmask), out, atol=1e-5)
+    # no caption at all is the learned null, the same as dropping the caption
+    null = unet(x, t, image_emb=emb)
+    assert torch.isfinite(null).all() and not torch.allclose(null, out)
+    with pytest.raises(ValueError, match="text_enc and text_mask"):
+        unet(x, t, image_emb=emb, tokens=torch.ones(3, 5, dtype=torch.long))
+
+
+def test_decoder_loss_and_sample_pick_the_inputs_their_unet_reads():
+    from dalle2.diffusion import GaussianDiffusion
+    own = Decoder(make_unet(), GaussianDiffusion(timesteps=20, objective="v"))
+    clip = Decoder(clip_text_unet(), GaussianDiffusion(timesteps=20, objective="v"))
+    x, _, emb, tokens = inputs(2)
+    enc, mask = torch.randn(2, 16, 24), torch.ones(2, 16, dtype=torch.bool)
+    for dec in (own, clip):
+        loss = dec.loss(x.clamp(-1, 1), emb, tokens=tokens, text_enc=enc, text_mask=mask)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        img = dec.sample(emb, tokens, text_enc=enc, text_mask=mask, steps=2, generator=torch.Generator().manual_seed(0))
+        assert img.shape == (2, 3, 16, 16)

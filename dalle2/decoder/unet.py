@@ -7,9 +7,11 @@ downsampling, nearest+conv upsampling and skip connections from every encoder bl
 Conditioning follows GLIDE + unCLIP:
 - the CLIP image embedding is projected and added to the timestep embedding, and projected into
   `clip_tokens` extra context tokens;
-- the caption is encoded by the decoder's own causal transformer; its tokens together with the CLIP
-  tokens are the context every attention block attends to (keys/values concatenated with the image
-  features'), and its EOS feature is also added to the timestep embedding;
+- the caption is encoded by the decoder's own causal transformer (GLIDE), or taken from CLIP's per-token
+  text encodings (`text_encoder="clip"`, as lucidrains/DALLE2-pytorch does: no second tower to train);
+  its tokens together with the CLIP tokens are the context every attention block attends to
+  (keys/values concatenated with the image features'), and its EOS feature is also added to the
+  timestep embedding;
 - for classifier-free guidance the CLIP embedding (10%) and the caption (50%) are dropped
   INDEPENDENTLY during training and replaced by learned nulls.
 """
@@ -165,13 +167,15 @@ class UNet(nn.Module):
     def __init__(self, *, image_size: int, embed_dim: int, vocab_size: int, context_length: int,
                  channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: Sequence[int] = (16, 8), head_channels: int = 64, dropout: float = 0.1,
-                 text_width: int = 256, text_layers: int = 4, text_heads: int = 4, clip_tokens: int = 4,
-                 clip_drop_prob: float = 0.1, text_drop_prob: float = 0.5):
+                 text_encoder: str = "own", text_width: int = 256, text_layers: int = 4, text_heads: int = 4,
+                 clip_tokens: int = 4, clip_drop_prob: float = 0.1, text_drop_prob: float = 0.5,
+                 clip_text_width: Optional[int] = None):
         """image_size: side of the square input; embed_dim: CLIP embedding width; vocab_size / context_length:
         the caption tokenizer's; channels: base width, multiplied by channel_mult[i] at level i (each level
         halves the resolution); num_res_blocks: ResBlocks per level; attention_resolutions: feature-map side
-        lengths with context attention; head_channels: channels per attention head; text_*: the decoder's
-        caption transformer; clip_tokens: context tokens projected from the CLIP embedding; *_drop_prob:
+        lengths with context attention; head_channels: channels per attention head; text_encoder: "own" (the
+        decoder's caption transformer, text_*) or "clip" (CLIP's per-token encodings of width
+        clip_text_width, projected to text_width); clip_tokens: context tokens projected from the CLIP embedding; *_drop_prob:
         classifier-free-guidance dropout rates of the two conditions (unCLIP section 2.1)."""
         super().__init__()
         channel_mult, attention_resolutions = list(channel_mult), list(attention_resolutions)
@@ -179,15 +183,29 @@ class UNet(nn.Module):
                        dropout, text_width, text_layers, text_heads, clip_tokens, clip_drop_prob, text_drop_prob,
                        embed_dim, vocab_size, context_length)
         self.image_size, self.embed_dim = image_size, embed_dim
+        if text_encoder not in ("own", "clip"):
+            raise ValueError(f"decoder.model.text_encoder must be 'own' or 'clip', got {text_encoder!r}")
+        if text_encoder == "clip" and not (isinstance(clip_text_width, int) and clip_text_width > 0):
+            raise ValueError("decoder.model.text_encoder 'clip' needs clip_text_width (clip.model.text_width)")
+        self.text_source = text_encoder
         self.context_length, self.clip_tokens, self.text_width = context_length, clip_tokens, text_width
         self.clip_drop_prob, self.text_drop_prob = clip_drop_prob, text_drop_prob
         emb_dim = 4 * channels
 
         # --- conditioning (unCLIP 2.1): timestep + CLIP embedding + caption EOS -> one vector ---
         self.time_embed = TimestepEmbedding(emb_dim)
+        # A unit-norm CLIP embedding has coordinates of size ~1/sqrt(E): scaled by sqrt(E) it has unit
+        # variance like every other input, and its context tokens get the same LayerNorm as the caption's
+        # (text tokens leave the text encoder's ln_final at rms 1; unscaled, the CLIP tokens came out at
+        # rms ~0.05, so at initialisation the decoder barely heard the image embedding).
+        self.clip_scale = embed_dim ** 0.5
         self.clip_to_emb = nn.Linear(embed_dim, emb_dim)
         self.clip_to_tokens = nn.Linear(embed_dim, clip_tokens * text_width)
-        self.text_encoder = TextEncoder(vocab_size, context_length, text_width, text_layers, text_heads)
+        self.clip_token_norm = nn.LayerNorm(text_width)
+        if text_encoder == "own":
+            self.text_encoder = TextEncoder(vocab_size, context_length, text_width, text_layers, text_heads)
+        else:  # CLIP's encodings leave its ln_final at rms ~1; project, then LayerNorm to keep that scale
+            self.text_in = nn.Sequential(nn.Linear(clip_text_width, text_width), nn.LayerNorm(text_width))
         self.text_to_emb = nn.Linear(text_width, emb_dim)
         # Learned nulls for classifier-free guidance: a CLIP embedding (about unit norm, like real ones) and a
         # full-length caption context with a full mask (its last token stands in for the EOS feature).
@@ -267,17 +285,41 @@ class UNet(nn.Module):
         u = torch.rand(2, n, device=device, generator=generator)  # (2, N)
         return u[0] < self.clip_drop_prob, u[1] < self.text_drop_prob
 
-    def condition(self, image_emb: torch.Tensor, tokens: torch.Tensor, drop_clip: torch.Tensor,
-                  drop_text: torch.Tensor):
+    def text_inputs(self, tokens: Optional[torch.Tensor] = None, text_enc: Optional[torch.Tensor] = None,
+                    text_mask: Optional[torch.Tensor] = None) -> dict:
+        """The caption keyword arguments this UNet reads, from whatever the caller has: the tokens (N, L)
+        for text_encoder "own", CLIP's encodings (N, L, Wclip) with their mask (N, L) for "clip". All
+        None = no caption (the learned null). A "clip" UNet given tokens but no encodings is an error."""
+        if self.text_source == "own":
+            return {"tokens": tokens}
+        if text_enc is None and tokens is not None:
+            raise ValueError("this decoder reads CLIP's per-token text encodings (text_encoder 'clip'): "
+                             "pass text_enc and text_mask (CLIP.encode_text_tokens), not only tokens")
+        return {"text_enc": text_enc, "text_mask": text_mask}
+
+    def encode_caption(self, tokens=None, text_enc=None, text_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption features (N, L, Wt) and mask (N, L) bool (True = real) from the tokens ("own") or from
+        CLIP's encodings ("clip"). Position 0 (BOS) always counts as real, so no attention row is empty."""
+        if self.text_source == "own":
+            return self.text_encoder(tokens)
+        L = text_enc.shape[1]
+        mask = text_mask.bool() | (torch.arange(L, device=text_mask.device) == 0)  # (N, L)
+        return self.text_in(text_enc), mask  # (N, L, Wt), (N, L)
+
+    def condition(self, image_emb: torch.Tensor, tokens: Optional[torch.Tensor], drop_clip: torch.Tensor,
+                  drop_text: torch.Tensor, text_enc: Optional[torch.Tensor] = None,
+                  text_mask: Optional[torch.Tensor] = None):
         """Build the conditioning from the two (possibly dropped) conditions.
-        image_emb: (N, E); tokens: (N, L); drop_*: (N,) bool. Returns cond_emb (N, 4C), context (N, K+S, Wt),
-        context_mask (N, K+S) with K = clip_tokens, S = context_length."""
-        n, L = tokens.shape
+        image_emb: (N, E); tokens: (N, L) (text_encoder "own") or text_enc (N, L, Wclip) + text_mask (N, L)
+        ("clip"); drop_*: (N,) bool. Returns cond_emb (N, 4C), context (N, K+S, Wt), context_mask (N, K+S)
+        with K = clip_tokens, S = context_length."""
+        n = image_emb.shape[0]
+        L = (tokens if self.text_source == "own" else text_enc).shape[1]
         if L > self.context_length:
             raise ValueError(f"tokens have length {L} > context_length {self.context_length}")
         image_emb = torch.where(drop_clip[:, None], self.null_image_emb.to(image_emb.dtype), image_emb)  # (N, E)
 
-        text, mask = self.text_encoder(tokens)  # (N, L, Wt), (N, L)
+        text, mask = self.encode_caption(tokens, text_enc, text_mask)  # (N, L, Wt), (N, L)
         # Pad to context_length in feature space (masked), so the null caption always has the same length.
         text = F.pad(text, (0, 0, 0, self.context_length - L))  # (N, S, Wt)
         mask = F.pad(mask, (0, self.context_length - L), value=False)  # (N, S)
@@ -285,13 +327,15 @@ class UNet(nn.Module):
         mask = mask | drop_text[:, None]
         eos = text[torch.arange(n, device=text.device), mask.sum(1) - 1]  # (N, Wt)
 
-        cond_emb = self.clip_to_emb(image_emb) + self.text_to_emb(eos)  # (N, 4C)
-        clip_ctx = self.clip_to_tokens(image_emb).view(n, self.clip_tokens, self.text_width)  # (N, K, Wt)
+        clip_in = image_emb * self.clip_scale  # (N, E), unit variance per coordinate
+        cond_emb = self.clip_to_emb(clip_in) + self.text_to_emb(eos)  # (N, 4C)
+        clip_ctx = self.clip_token_norm(self.clip_to_tokens(clip_in).view(n, self.clip_tokens, self.text_width))  # (N, K, Wt)
         context = torch.cat([clip_ctx, text.to(clip_ctx.dtype)], dim=1)  # (N, K+S, Wt)
         context_mask = torch.cat([mask.new_ones(n, self.clip_tokens), mask], dim=1)  # (N, K+S)
         return cond_emb, context, context_mask
 
-    def prepare_conditioning(self, *, image_emb: torch.Tensor, tokens: Optional[torch.Tensor],
+    def prepare_conditioning(self, *, image_emb: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                             text_enc: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
                              cond_drop: Optional[torch.Tensor] = None) -> dict:
         """Everything the conditions contribute that does not change between diffusion steps: the caption
         transformer, the CLIP projections and every attention block's context keys/values. A sampler
@@ -305,26 +349,34 @@ class UNet(nn.Module):
             drop_clip = drop_text = torch.zeros(n, dtype=torch.bool, device=image_emb.device)
         if cond_drop is not None:
             drop_clip, drop_text = drop_clip | cond_drop, drop_text | cond_drop
-        if tokens is None:
-            tokens = torch.zeros(n, 2, dtype=torch.long, device=image_emb.device)  # placeholder, replaced by the null
+        text = self.text_inputs(tokens, text_enc, text_mask)
+        if all(v is None for v in text.values()):  # no caption: placeholders, replaced by the null caption
+            dev = image_emb.device
+            text = ({"tokens": torch.zeros(n, 2, dtype=torch.long, device=dev)} if self.text_source == "own" else
+                    {"text_enc": image_emb.new_zeros(n, 2, self.text_in[0].in_features),
+                     "text_mask": torch.ones(n, 2, dtype=torch.bool, device=dev)})
             drop_text = torch.ones_like(drop_text)
-        cond_emb, context, context_mask = self.condition(image_emb, tokens, drop_clip, drop_text)
+        cond_emb, context, context_mask = self.condition(image_emb, text.get("tokens"), drop_clip, drop_text,
+                                                         text.get("text_enc"), text.get("text_mask"))
         stages = [s for s in (*self.down, *self.middle, *self.up) if isinstance(s, UNetStage) and s.attn is not None]
         return {"emb": cond_emb, "ctx": [s.attn.context_kv(context, context_mask) for s in stages]}  # forward order
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, image_emb: Optional[torch.Tensor] = None,
-                tokens: Optional[torch.Tensor] = None, cond_drop: Optional[torch.Tensor] = None,
+                tokens: Optional[torch.Tensor] = None, text_enc: Optional[torch.Tensor] = None,
+                text_mask: Optional[torch.Tensor] = None, cond_drop: Optional[torch.Tensor] = None,
                 cond: Optional[dict] = None) -> torch.Tensor:
         """x_t: (N, 3, H, W); t: (N,) long timesteps; image_emb: (N, E) unit-norm CLIP image embedding;
         tokens: (N, L) long (PAD = 0), or None for "no caption" (the learned null caption: the image
-        manipulations of section 3 condition on the CLIP embedding alone); cond_drop: (N,) bool or
+        manipulations of section 3 condition on the CLIP embedding alone); text_enc, text_mask: instead of
+        tokens for text_encoder "clip" (see `text_inputs`); cond_drop: (N,) bool or
         None, rows forced fully unconditional; cond: `prepare_conditioning(...)` of these, computed
         earlier (then they are not given). Returns the model output (N, 3, H, W)."""
         if cond is None:
             if image_emb is None:
                 raise ValueError("the decoder needs image_emb (and tokens, or None for no caption), "
                                  "or cond=prepare_conditioning(...)")
-            cond = self.prepare_conditioning(image_emb=image_emb, tokens=tokens, cond_drop=cond_drop)
+            cond = self.prepare_conditioning(image_emb=image_emb, tokens=tokens, text_enc=text_enc,
+                                             text_mask=text_mask, cond_drop=cond_drop)
         emb = F.silu(self.time_embed(t) + cond["emb"])  # (N, 4C); SiLU once here, shared by every ResBlock
         ctx = iter(cond["ctx"])
 
@@ -358,19 +410,24 @@ class Decoder(nn.Module):
         return model_from_checkpoint(path, "decoder", lambda cfg, tok: build_decoder(cfg, tok.vocab_size),
                                      map_location)
 
-    def loss(self, images: torch.Tensor, image_emb: torch.Tensor, tokens: torch.Tensor,
+    def loss(self, images: torch.Tensor, image_emb: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+             text_enc: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """images: (N, 3, H, W) float in [-1, 1]; image_emb: (N, E); tokens: (N, L). Returns a scalar."""
-        losses = self.diffusion.training_loss(self.unet, images, model_kwargs=dict(image_emb=image_emb, tokens=tokens),
-                                              generator=generator)  # (N,)
+        """images: (N, 3, H, W) float in [-1, 1]; image_emb: (N, E); the caption as tokens (N, L) and/or
+        CLIP's encodings text_enc (N, L, Wclip) + text_mask (N, L): the UNet reads the one it was built
+        for. Returns a scalar."""
+        kwargs = dict(image_emb=image_emb, **self.unet.text_inputs(tokens, text_enc, text_mask))
+        losses = self.diffusion.training_loss(self.unet, images, model_kwargs=kwargs, generator=generator)  # (N,)
         return losses.mean()
 
     @torch.no_grad()
-    def sample(self, image_emb: torch.Tensor, tokens: torch.Tensor, *, steps: int = 50, sampler: str = "ddim",
-               eta: float = 0.0, guidance_scale: float = 3.0, generator: Optional[torch.Generator] = None,
-               noise: Optional[torch.Tensor] = None, clip_x0: Optional[str] = "static",
-               progress: bool = False) -> torch.Tensor:
-        """image_emb: (N, E) CLIP image embeddings (e.g. from the prior); tokens: (N, L) captions.
+    def sample(self, image_emb: torch.Tensor, tokens: Optional[torch.Tensor] = None, *, steps: int = 50,
+               sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 3.0,
+               generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
+               clip_x0: Optional[str] = "static", progress: bool = False, text_enc: Optional[torch.Tensor] = None,
+               text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """image_emb: (N, E) CLIP image embeddings (e.g. from the prior); the captions as tokens (N, L)
+        and/or CLIP encodings text_enc + text_mask (see `loss`); all None = no caption.
         guidance_scale: classifier-free guidance on both conditions at once (unconditional = both nulls).
         Returns images (N, 3, H, W) float in [-1, 1]."""
         s = self.unet.image_size
@@ -378,7 +435,9 @@ class Decoder(nn.Module):
         self.unet.eval()  # no dropout and no random condition dropout while sampling
         try:
             x = self.diffusion.sample(self.unet, (image_emb.shape[0], 3, s, s), steps=steps, sampler=sampler, eta=eta,
-                                      model_kwargs=dict(image_emb=image_emb, tokens=tokens), generator=generator,
+                                      model_kwargs=dict(image_emb=image_emb,
+                                                        **self.unet.text_inputs(tokens, text_enc, text_mask)),
+                                      generator=generator,
                                       noise=noise, clip_x0=clip_x0, guidance_scale=guidance_scale, progress=progress)
         finally:
             self.unet.train(was_training)
@@ -393,5 +452,6 @@ def build_decoder(cfg, vocab_size: int) -> Decoder:
 
     from dalle2.diffusion import GaussianDiffusion
     unet = UNet(image_size=cfg.data.image_size, embed_dim=cfg.clip.model.embed_dim, vocab_size=vocab_size,
-                context_length=cfg.clip.model.context_length, **asdict(cfg.decoder.model))
+                context_length=cfg.clip.model.context_length, clip_text_width=cfg.clip.model.text_width,
+                **asdict(cfg.decoder.model))
     return Decoder(unet, GaussianDiffusion(**asdict(cfg.decoder.diffusion)))
