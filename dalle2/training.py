@@ -173,6 +173,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(): the denominator of the "share of peak" each stage prints.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0,
+                    "RTX 4090": 165.2, "RTX 3090": 71.0, "V100": 0.0, "T4": 0.0}
+
+
+def bf16_peak_tflops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak in TFLOP/s, or None when unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name and v > 0), None)
+
+
+def training_flops(model: nn.Module, batch: dict) -> float:
+    """FLOPs of one training step (forward + backward of model.loss(**batch); matmuls and convolutions,
+    as torch.utils.flop_counter counts them), measured eagerly on this batch; gradients are discarded."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        model.loss(**batch).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     # Reseeding the global RNG from (seed, step, rank) every step makes dropout and diffusion noise a
     # function of the step, so a resumed run draws exactly what the uninterrupted run drew.
@@ -310,6 +334,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True)
         probe = {"start_step": self.step}
+        speed = {"start_step": self.step, "flops": None}
         try:
             last = False
             while self.step < self.total_steps and not last:
@@ -319,6 +344,14 @@ class Trainer:
                     group["lr"] = lr
                 torch.manual_seed(_step_seed(tc.seed, step, self.dist.rank))
                 batch = get_batch(step)
+                if speed["flops"] is None and self.dist.is_main:
+                    # counted once, eagerly, before the step proper; the RNG it draws from is put back, so
+                    # the step (and a resumed run) sees exactly the randomness it would have seen
+                    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), autocast(dev, tc.precision):
+                        # (under DDP on a copy: a backward through the wrapped module's parameters would
+                        # fire DDP's gradient hooks on this rank alone)
+                        counted = self.model if self.dist.world_size == 1 else copy.deepcopy(self.model)
+                        speed["flops"] = training_flops(counted, batch) * self.dist.world_size
                 with autocast(dev, tc.precision):
                     loss = self.objective(batch)
                 loss.backward()
@@ -336,6 +369,9 @@ class Trainer:
                 bar.update(1)
                 if not self.sized:
                     self._size_to_budget(probe, t_start, bar)
+                if self.step - speed["start_step"] == PROBE_SKIP:  # steady-state speed from here on
+                    _sync(dev)
+                    speed["t0"], speed["step0"] = time.perf_counter(), self.step
                 out_of_time = time_limit is not None and time.perf_counter() - t_start > 60 * time_limit
                 if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
                     flag = torch.tensor(float(out_of_time), device=dev)
@@ -368,6 +404,7 @@ class Trainer:
                        f"continue with --resume")
             raise
         bar.close()
+        self._report_speed(speed)
         if self.step < self.total_steps:
             self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {self.total_steps}")
         self.save(final=True)
@@ -408,6 +445,25 @@ class Trainer:
         self.print(f"[{self.stage}] budget {self.tc.budget_minutes:g} min: {1 / per_step:.1f} steps/s "
                    f"({ips:.0f} images/s) measured, so {total} steps{note}")
         self.log({"step": self.step, "budget_steps": total, "steps_per_s": 1 / per_step, "images_per_s": ips})
+
+    def _report_speed(self, speed: dict) -> None:
+        """Print and log the steady-state training speed (after the first PROBE_SKIP steps of this
+        process): images/s, achieved TFLOP/s and their share of the device's bf16 peak."""
+        if not self.dist.is_main or "t0" not in speed or self.step <= speed["step0"]:
+            return
+        _sync(self.device)
+        steps_per_s = (self.step - speed["step0"]) / max(time.perf_counter() - speed["t0"], 1e-9)
+        record = {"step": self.step, "train_images_per_s": steps_per_s * self.tc.batch_size}
+        text = f"[{self.stage}] training speed: {record['train_images_per_s']:,.0f} images/s"
+        if speed["flops"]:
+            record["train_tflops"] = speed["flops"] * steps_per_s / 1e12
+            text += f", {record['train_tflops']:.1f} TFLOP/s"
+            peak = bf16_peak_tflops(self.device)
+            if peak:
+                record["peak_share"] = record["train_tflops"] / peak
+                text += f" = {100 * record['peak_share']:.1f}% of the bf16 peak ({peak:g} TFLOP/s)"
+        self.log(record)
+        self.print(text)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if bool(bad):

@@ -218,3 +218,18 @@ def test_budget_capped_by_steps_and_resume_keeps_the_sized_schedule(tmp_path, mo
     assert resumed.total_steps == straight.total_steps == 58
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
+
+
+def test_training_speed_and_flops_are_reported(tmp_path, capsys):
+    from dalle2.training import bf16_peak_tflops, training_flops
+    trainer = make_trainer(tmp_path, steps=12)
+    trainer.fit(get_batch)
+    records = [json.loads(l) for l in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    speed = [r for r in records if "train_images_per_s" in r]
+    assert len(speed) == 1 and speed[0]["train_images_per_s"] > 0
+    # Toy: Linear(4, 16) and Linear(16, 1) on 8 rows. Forward 2*8*(64+16) FLOPs; backward the same again
+    # for the weight gradients, plus the input gradient of the second layer only (x needs no gradient)
+    assert training_flops(Toy(), get_batch(0)) == 2 * (2 * 8 * (4 * 16 + 16 * 1)) + 2 * 8 * 16
+    assert speed[0]["train_tflops"] > 0 and "peak_share" not in speed[0]  # no peak known for a CPU
+    assert bf16_peak_tflops(torch.device("cpu")) is None
+    assert "training speed:" in capsys.readouterr().out
