@@ -10,8 +10,11 @@ metrics.jsonl, checkpoint.pt}; evaluates retrieval on the test split at the end.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from clip.evaluate import evaluate_clip
 from clip.model import build_clip
+from dalle2.checkpoint import init_from, load_stage_weights
 from dalle2.cli import load_and_print_config, main_wrapper, training_parser
 from dalle2.tokenizer import Tokenizer
 from dalle2.training import Trainer, cleanup_distributed, load_data, setup_distributed
@@ -28,7 +31,12 @@ def main(argv=None):
         # The vocabulary comes from the training captions (deterministic, so a resumed run rebuilds
         # the same one); it is saved in every checkpoint downstream.
         tokenizer = Tokenizer.build(train.captions, cfg.clip.model.context_length)
+        if args.init_from:  # the words of the model we start from, so its token embeddings keep their meaning
+            tok_state = load_stage_weights(args.init_from, "clip")[2]
+            tokenizer = Tokenizer.from_state_dict(tok_state) if tok_state else tokenizer
         model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)
+        if args.init_from:
+            init_from(model, args.init_from, "clip", asdict(cfg.clip.model), tokenizer)
         model.tokenizer = tokenizer
         if dist.is_main:
             print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

@@ -91,3 +91,58 @@ def model_from_checkpoint(path: str | os.PathLike, stage: str, build, map_locati
     model.checkpoint_hash = state_hash(ckpt["model"])
     model.checkpoint_path = str(path)
     return model
+
+
+def load_stage_weights(source: str | os.PathLike, stage: str) -> tuple[dict, Optional[dict], Optional[dict]]:
+    """The weights (state dict), saved config dict and tokenizer state of `stage` from `source`: a training run folder
+    (DIR/<stage>.pt), a stage checkpoint file, or an exported folder (DIR/<stage>/model.safetensors and
+    config.json, or DIR itself holding them). Nothing is unpickled: .pt files load with weights_only=True."""
+    import json
+    src = Path(source)
+    for folder in (src / stage, src):
+        weights = folder / "model.safetensors"
+        if weights.is_file():
+            from safetensors.torch import load_file
+            try:
+                state = load_file(str(weights))
+            except Exception as e:  # safetensors raises its own error types for a damaged file
+                raise CheckpointError(f"{weights}: not a readable safetensors file ({str(e)[:120]})") from None
+            found = {}
+            for name, candidates in (("config", [folder / "config.json"]),
+                                     ("tokenizer", [folder / "tokenizer.json", folder.parent / "tokenizer.json"])):
+                path = next((c for c in candidates if c.is_file()), None)
+                try:
+                    found[name] = json.loads(path.read_text()) if path is not None else None
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+            return state, found["config"], found["tokenizer"]
+    path = src / f"{stage}.pt" if src.is_dir() else src
+    if not path.is_file():
+        raise CheckpointError(f"{source}: no {stage} weights there (looked for {src / stage / 'model.safetensors'}, "
+                              f"{src / 'model.safetensors'} and {src / (stage + '.pt')})")
+    ckpt = load_checkpoint(path, stage)
+    return ckpt["model"], ckpt.get("config"), ckpt.get("tokenizer")
+
+
+def init_from(model, source: str | os.PathLike, stage: str, model_config: Optional[dict] = None,
+              tokenizer=None) -> None:
+    """Start `model` from the weights of a finished or exported stage (`--init-from`), e.g. to add
+    training time to a model with a fresh optimizer and schedule. Refuses weights whose saved
+    `<stage>.model` config differs from `model_config` (a dict), naming both, and weights saved with
+    another tokenizer than `tokenizer` (token ids would mean other words)."""
+    state, config, tok_state = load_stage_weights(source, stage)
+    if tokenizer is not None and tok_state is not None and tok_state != tokenizer.state_dict():
+        raise CheckpointError(f"{source}: its {stage} was trained with another tokenizer (vocabulary) than "
+                              f"this run's; train on the same data and CLIP, or start without --init-from")
+    saved = (config or {}).get(stage, {}).get("model") if isinstance(config, dict) else None
+    if model_config is not None and saved is not None and saved != model_config:
+        diff = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+        raise CheckpointError(f"{source}: its {stage} was built with other {stage}.model settings "
+                              f"({', '.join(f'{k}: {saved.get(k)} vs {model_config.get(k)}' for k in diff)})")
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}  # half-precision exports
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: the {stage} weights do not fit this model "
+                              f"({str(e).splitlines()[0][:160]})") from None

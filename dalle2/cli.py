@@ -49,6 +49,9 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
                    help=f"size the run to this many minutes of training (sets {stage}.train.budget_minutes): "
                    "the step count is fixed from the measured speed, the LR schedule completes")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help=f"start from the {stage} weights of a run folder or exported folder (fresh optimizer and "
+                   "schedule; ignored when --resume finds a checkpoint)")
     p.set_defaults(stage=stage)
     if stage != "clip":
         p.add_argument("--clip", default=None, help="CLIP checkpoint (default: OUT/clip.pt)")

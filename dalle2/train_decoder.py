@@ -9,10 +9,13 @@ test images (top row) and the EMA decoder's samples from their CLIP embeddings a
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from pathlib import Path
 
 import torch
 
+from dalle2.checkpoint import init_from
 from dalle2.cli import main_wrapper, training_parser
 from dalle2.decoder import build_decoder
 from dalle2.embeddings import prepare_stage
@@ -32,6 +35,9 @@ def main(argv=None):
         if dist.is_main:
             print(f"decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M parameters, "
                   f"CLIP {clip_hash}, {len(train)} training images")
+        if args.init_from:  # a fresh optimizer and schedule on top of earlier weights
+            init_from(decoder, args.init_from, "decoder", asdict(cfg.decoder.model),
+                      clip.tokenizer if decoder.unet.text_source == 'own' else None)
         trainer = Trainer("decoder", cfg, tc, decoder, args.out, tokenizer=clip.tokenizer,
                           extra={"clip_hash": clip_hash}, dist_info=dist)
         del clip

@@ -8,6 +8,9 @@ Evaluates the sampled embeddings on the test split at the end (see dalle2/evalua
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
+from dalle2.checkpoint import init_from
 from dalle2.cli import main_wrapper, training_parser
 from dalle2.embeddings import prepare_stage
 from dalle2.evaluate_prior import evaluate_prior
@@ -25,6 +28,9 @@ def main(argv=None):
         if dist.is_main:
             print(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, "
                   f"CLIP {clip_hash}, {len(train)} training images")
+        if args.init_from:  # a fresh optimizer and schedule on top of earlier weights
+            init_from(prior, args.init_from, "prior", asdict(cfg.prior.model),
+                      None)
         trainer = Trainer("prior", cfg, tc, prior, args.out, tokenizer=clip.tokenizer,
                           extra={"clip_hash": clip_hash}, dist_info=dist)
         del clip  # the prior trains on cached embeddings only
