@@ -137,7 +137,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     if args.checkpoints:
         from dalle2.unclip import DALLE2
-        model = DALLE2.from_run(args.checkpoints).to(device)
+        model = DALLE2.from_pretrained(args.checkpoints).to(device)  # a run folder or an export
         source = args.checkpoints
     else:
         cfg = config_from_args(args)

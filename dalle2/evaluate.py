@@ -151,7 +151,7 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
     """The model, the reader (shapes only), the prompt sets and the real images to compare with."""
     from dalle2.unclip import DALLE2
     from data.datasets import load_dataset
-    model = DALLE2.from_run(checkpoints).to(device).eval()
+    model = DALLE2.from_pretrained(checkpoints).to(device).eval()  # a run folder or an export
     cfg = model.decoder.config
     test = load_dataset(cfg.data, split, generate_missing=False)
     train = load_dataset(cfg.data, "train", generate_missing=False)
