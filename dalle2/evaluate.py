@@ -186,7 +186,7 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", default="runs", help="run folder with clip.pt, prior.pt, decoder.pt")
+    p.add_argument("--checkpoints", default="runs", help="run folder with clip.pt, prior.pt, decoder.pt, or an export")
     p.add_argument("--out", default=None, help="report folder (default: CHECKPOINTS/report)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--prompts", default=None, help="evaluate these captions (one per line) instead of the split's")
