@@ -223,11 +223,13 @@ def read_index(folder: Path) -> dict:
         raise CheckpointError(f"{path}: format version {version!r}, this code reads version {FORMAT_VERSION}"
                               + (" (written by a newer version: update the code)" if newer else ""))
     stages = index.get("stages")
+    types = {"clip_hash": (str, type(None)), "sha256": str, "step": int, "extra": dict}
     for s in STAGES:
         entry = stages.get(s) if isinstance(stages, dict) else None
-        missing = [k for k in ("clip_hash", "sha256", "step") if not isinstance(entry, dict) or k not in entry]
-        if missing:
-            raise CheckpointError(f"{path}: the entry of stage '{s}' lacks {', '.join(missing)}")
+        bad = [k for k, kind in types.items() if not isinstance(entry, dict) or not isinstance(entry.get(k, {}), kind)
+               or (k != "extra" and k not in entry)]
+        if bad:
+            raise CheckpointError(f"{path}: the entry of stage '{s}' lacks a valid {', '.join(bad)}")
     return index
 
 
@@ -330,7 +332,13 @@ def hardware(device=None) -> str:
     if device is not None and device.type == "cuda":
         n = torch.cuda.device_count()
         return f"{n} x {torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
-    return f"CPU: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    try:  # Linux names the model
+        name = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {os.cpu_count()} cores, {name}, torch {torch.__version__}"
 
 
 def git_commit() -> Optional[str]:

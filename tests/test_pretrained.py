@@ -38,6 +38,12 @@ def exported(run_model, tmp_path_factory):
     return run_model.save_pretrained(base / "fp32"), run_model.save_pretrained(base / "fp16", dtype=torch.float16)
 
 
+def edit_index(folder, edit):
+    index = json.loads((folder / "model_index.json").read_text())
+    edit(index)
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
 def copy_of(folder, tmp_path, name="copy"):
     return Path(shutil.copytree(folder, tmp_path / name))
 
@@ -82,9 +88,7 @@ def test_export_round_trips_exactly_in_fp32_and_to_fp16_rounding_with_half(run_m
 def test_stages_of_different_clips_are_refused(exported, tmp_path):
     for stage in ("prior", "decoder"):
         folder = copy_of(exported[0], tmp_path, stage)
-        index = json.loads((folder / "model_index.json").read_text())
-        index["stages"][stage]["clip_hash"] = "0123456789abcdef"  # as if trained on another CLIP
-        (folder / "model_index.json").write_text(json.dumps(index))
+        edit_index(folder, lambda i: i["stages"][stage].update(clip_hash="0123456789abcdef"))  # another CLIP's
         with pytest.raises(CheckpointError, match=f"{stage}/model.safetensors: was trained on CLIP 0123456789abcdef"):
             DALLE2.from_pretrained(folder)
     # a stage folder swapped in from elsewhere does not match the index's record of the weights
@@ -102,9 +106,7 @@ def rewrite_weights(folder, stage, edit):
     path = folder / stage / "model.safetensors"
     blob = save(edit(load(path.read_bytes())))
     path.write_bytes(blob)
-    index = json.loads((folder / "model_index.json").read_text())
-    index["stages"][stage]["sha256"] = hashlib.sha256(blob).hexdigest()
-    (folder / "model_index.json").write_text(json.dumps(index))
+    edit_index(folder, lambda i: i["stages"][stage].update(sha256=hashlib.sha256(blob).hexdigest()))
 
 
 def test_damaged_exports_give_one_clear_error_naming_the_file(exported, tmp_path):
@@ -113,9 +115,12 @@ def test_damaged_exports_give_one_clear_error_naming_the_file(exported, tmp_path
         return state
     cases = [
         (lambda f: (f / "model_index.json").write_text('{"format": "open-dalle2", "format_ver'), r"model_index.json: not readable JSON"),
-        (lambda f: (f / "model_index.json").write_text(json.dumps({**json.loads((f / "model_index.json").read_text()), "format_version": 99})),
+        (lambda f: edit_index(f, lambda i: i.update(format_version=99)),
          r"model_index.json: format version 99, this code reads version 1 \(written by a newer version"),
         (lambda f: (f / "model_index.json").write_text(json.dumps({"format": "something else"})), r"model_index.json: not an Open DALL-E 2"),
+        (lambda f: edit_index(f, lambda i: i["stages"]["prior"].update(step="six")),
+         r"model_index.json: the entry of stage 'prior' lacks a valid step"),
+        (lambda f: edit_index(f, lambda i: i["stages"].pop("decoder")), r"the entry of stage 'decoder' lacks a valid"),
         (lambda f: (f / "tokenizer.json").unlink(), r"tokenizer.json: missing"),
         (lambda f: (f / "decoder" / "config.json").write_text("{]"), r"decoder/config.json: not readable JSON"),
         (lambda f: (f / "prior" / "config.json").write_text('{"prior": {"model": {"wdith": 3}}}'), r"prior/config.json: not a config"),
