@@ -32,7 +32,8 @@ def main(argv=None):
     p.add_argument("--prompts", help="a text file with one caption per line")
     p.add_argument("--n", type=int, default=1, help="images per caption")
     p.add_argument("--out", default="samples", help="output folder (default: samples/)")
-    p.add_argument("--checkpoints", default="runs", help="folder holding clip.pt, prior.pt, decoder.pt (default: runs/)")
+    p.add_argument("--checkpoints", default=None, help="a run folder (clip.pt, prior.pt, decoder.pt) or an exported "
+                   "one (dalle2.export) (default: the shipped checkpoints/shapes32/ if present, else runs/)")
     p.add_argument("--guidance-scale", type=float, default=None, help="decoder guidance (default: the checkpoint's sampling config)")
     p.add_argument("--prior-guidance-scale", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="decoder sampling steps")
@@ -54,7 +55,8 @@ def main(argv=None):
 
     from dalle2 import DALLE2
     from dalle2.images import write_samples
-    model = DALLE2.from_run(args.checkpoints).to(pick_device(args.device))
+    from dalle2.pretrained import shipped_or
+    model = DALLE2.from_pretrained(args.checkpoints or shipped_or("runs"), device=pick_device(args.device))
     if args.compile:
         model.compile()
     images = model.generate(captions, n_per_text=args.n, guidance_scale=args.guidance_scale,

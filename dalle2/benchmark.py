@@ -121,7 +121,7 @@ def data_throughput(device, n: int = 20000, batch_size: int = 512, steps: int = 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--checkpoints", default=None, help="a run folder with clip.pt, prior.pt, decoder.pt")
+    p.add_argument("--checkpoints", default=None, help="a run folder with clip.pt, prior.pt, decoder.pt, or an export")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-sizes", default="256", help="comma-separated batch sizes for throughput rows")
     p.add_argument("--single", type=int, default=1, help="also time one single image (1) or not (0)")
@@ -137,7 +137,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     if args.checkpoints:
         from dalle2.unclip import DALLE2
-        model = DALLE2.from_run(args.checkpoints).to(device)
+        model = DALLE2.from_pretrained(args.checkpoints).to(device)  # a run folder or an export
         source = args.checkpoints
     else:
         cfg = config_from_args(args)

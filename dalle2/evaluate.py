@@ -151,7 +151,7 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
     """The model, the reader (shapes only), the prompt sets and the real images to compare with."""
     from dalle2.unclip import DALLE2
     from data.datasets import load_dataset
-    model = DALLE2.from_run(checkpoints).to(device).eval()
+    model = DALLE2.from_pretrained(checkpoints).to(device).eval()  # a run folder or an export
     cfg = model.decoder.config
     test = load_dataset(cfg.data, split, generate_missing=False)
     train = load_dataset(cfg.data, "train", generate_missing=False)
@@ -186,7 +186,7 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", default="runs", help="run folder with clip.pt, prior.pt, decoder.pt")
+    p.add_argument("--checkpoints", default="runs", help="run folder with clip.pt, prior.pt, decoder.pt, or an export")
     p.add_argument("--out", default=None, help="report folder (default: CHECKPOINTS/report)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--prompts", default=None, help="evaluate these captions (one per line) instead of the split's")

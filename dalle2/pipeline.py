@@ -11,10 +11,13 @@ stopped, and asking for more steps trains on. Writes:
     OUT/clip.pt, OUT/prior.pt, OUT/decoder.pt     the three models (+ OUT/<stage>/ logs)
     OUT/samples/grid.png                          samples for a few test captions
     OUT/report/                                   the evaluation report (report.md, report.json, pictures)
+    OUT/pretrained/                               the three models exported for DALLE2.from_pretrained (+ model card)
 """
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -77,12 +80,17 @@ def main(argv=None):
         report = evaluate.main(eval_args)
         print(f"[5/5] evaluation: {out / 'report' / 'report.md'} ({time.perf_counter() - t0:.0f} s)")
 
+    from dalle2.pretrained import hardware  # the finished run exports itself (safetensors + model card)
+    command = "python -m dalle2.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
+    DALLE2.from_run(out).save_pretrained(out / "pretrained", card={"command": command,
+                                                                   "hardware": hardware(pick_device(args.device))})
     print(f"\npipeline finished in {time.perf_counter() - t_all:.0f} s. Results in {out}/:")
     for stage in STAGES:
         print(f"  {stage + '.pt':<12} {out / f'{stage}.pt'}  (logs: {out / stage}/metrics.jsonl)")
     print(f"  {'samples':<12} {out / 'samples'}/grid.png")
     if report is not None:
         print(f"  {'report':<12} {out / 'report'}/report.md")
+    print(f"  {'pretrained':<12} {out / 'pretrained'}/  (DALLE2.from_pretrained; model card README.md)")
     print(f"Draw your own: python sample.py \"a large gold pentagon and a small blue circle\" --checkpoints {out}")
     return out
 

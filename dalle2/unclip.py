@@ -82,6 +82,23 @@ class DALLE2(nn.Module):
                                   + f" (or all at once: `python -m dalle2.pipeline --out {run_dir}`)")
         return cls.from_checkpoints(*(run_dir / f"{s}.pt" for s in STAGES), map_location=map_location)
 
+    @classmethod
+    def from_pretrained(cls, folder: str | Path | None = None, device="cpu") -> "DALLE2":
+        """An exported folder (model_index.json, safetensors: nothing is unpickled) or a training run
+        folder (clip.pt, prior.pt, decoder.pt: as from_run), on `device`. No folder: the weights
+        shipped in the repo's checkpoints/shapes32/ (see dalle2/pretrained.py)."""
+        from . import pretrained
+        if folder is None or pretrained.is_pretrained_folder(folder):
+            return pretrained.load_pretrained(folder, device=device)
+        return cls.from_run(folder).to(device)
+
+    def save_pretrained(self, folder: str | Path, *, dtype: Optional[torch.dtype] = None,
+                        card: Optional[dict] = None) -> Path:
+        """Export to `folder` for from_pretrained: safetensors + JSON + a model card (README.md).
+        dtype=torch.float16 halves the files. See dalle2.pretrained.save_pretrained for `card`."""
+        from .pretrained import save_pretrained
+        return save_pretrained(self, folder, dtype=dtype, card=card)
+
     @property
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device

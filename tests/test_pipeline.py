@@ -1,7 +1,10 @@
 """The one-command pipeline end to end on an even smaller tiny run, then the guidance sweep on it."""
 import json
 
+import torch
+
 from conftest import tiny_overrides
+from dalle2 import DALLE2
 from dalle2.pipeline import main as pipeline
 from dalle2.sweep import main as sweep
 
@@ -21,6 +24,9 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
     assert report["reader_accuracy"]["all"]["colour"] > 0.97  # the reader's ceiling is reported
     assert {"clip_fd", "clip_kid"} <= set(report["distance"]) and "near_duplicate_rate" in report["memorisation"]
     assert "rephrased" in report["sets"] and "partial" in report["sets"]
+    card = (out / "pretrained" / "README.md").read_text()  # the run exported itself, its card from the report
+    assert "| test | all | 8 |" in card and "--eval-n 8" in card and "trained on: CPU" in card
+    assert torch.equal(DALLE2.from_pretrained(out / "pretrained").clip.logit_scale, DALLE2.from_run(out).clip.logit_scale)
     capsys.readouterr()
 
     pipeline(argv + ["--skip-eval"])  # everything trained: every stage is skipped

@@ -1,0 +1,53 @@
+"""Export a training run (or an earlier export) as safetensors + JSON + a model card, for from_pretrained.
+
+    python -m dalle2.export runs/tiny checkpoints/tiny                # fp32: samples exactly as the run does
+    python -m dalle2.export runs checkpoints/shapes32 --half          # fp16 files, upcast to fp32 at load
+    python -m dalle2.export runs out --command "python -m dalle2.pipeline --out runs" --hardware "1 x H200"
+
+To put figures measured on the exported (fp16) files themselves into the card, evaluate an export and
+export again with that report (the same run and flags give the same weights):
+
+    python -m dalle2.export runs /tmp/half --half && python -m dalle2.evaluate --checkpoints /tmp/half --out /tmp/half-report
+    python -m dalle2.export runs checkpoints/shapes32 --half --report /tmp/half-report/report.json
+
+RUN_DIR holds clip.pt, prior.pt and decoder.pt (a run's --out); its report/report.json and
+<stage>/metrics.jsonl, when present, go into the model card. OUT_DIR is written whole or not at all,
+and replaces only an earlier export. Load the result with DALLE2.from_pretrained(OUT_DIR) or
+`python sample.py "a red circle" --checkpoints OUT_DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dalle2.cli import main_wrapper
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="run folder with clip.pt, prior.pt, decoder.pt (or an exported folder)")
+    p.add_argument("out_dir", help="folder to write (a new folder, or an earlier export to replace)")
+    p.add_argument("--half", action="store_true", help="store the weights in fp16 (half the size)")
+    p.add_argument("--command", default=None, help="the command that trained the run, for the model card")
+    p.add_argument("--hardware", default=None, help="what it was trained on, for the model card")
+    p.add_argument("--notes", default=None, help="a paragraph for the model card")
+    p.add_argument("--report", default=None, help="the report.json whose figures go into the card (default: "
+                   "RUN_DIR/report/report.json; e.g. `python -m dalle2.evaluate` run on the export itself)")
+    args = p.parse_args(argv)
+    import torch
+
+    from dalle2.unclip import DALLE2
+    run, out = Path(args.run_dir), Path(args.out_dir)
+    if out.resolve() == run.resolve():
+        raise SystemExit(f"error: {out}: the export must go to another folder than the run it comes from")
+    model = DALLE2.from_pretrained(run)
+    card = {"command": args.command, "hardware": args.hardware, "notes": args.notes, "report": args.report}
+    model.save_pretrained(out, dtype=torch.float16 if args.half else None, card=card)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported {run} -> {out} ({size / 2 ** 20:.1f} MiB, {'fp16' if args.half else 'fp32'}); "
+          f"load it with DALLE2.from_pretrained({str(out)!r})")
+    return out
+
+
+if __name__ == "__main__":
+    main_wrapper(main)()
