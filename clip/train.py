@@ -18,6 +18,30 @@ from dalle2.training import Trainer, cleanup_distributed, load_data, setup_distr
 from data.datasets import StepBatches, to_float
 
 
+def vocabulary_texts(data_cfg, captions) -> list:
+    """The texts the vocabulary is built from: the training captions and, for shapes, every word of the
+    evaluation's prompts (dalle2.faithfulness), so that none of them is spelled byte by byte."""
+    texts = list(captions)
+    if data_cfg.dataset == "shapes":
+        from dalle2.faithfulness import PROMPT_VOCABULARY
+        texts += PROMPT_VOCABULARY
+    return texts
+
+
+def check_caption_lengths(tokenizer: Tokenizer, captions, show: bool = True) -> int:
+    """Say once, naming the config key, when training captions exceed the context length (each one
+    is still truncated with the tokenizer's warning). Returns the longest caption in tokens (BOS, EOS
+    included)."""
+    lengths = [len(tokenizer.encode(c)) + 2 for c in captions]
+    longest = max(lengths, default=2)
+    over = sum(n > tokenizer.context_length for n in lengths)
+    if over and show:
+        print(f"note: {over} of {len(lengths)} training captions are longer than clip.model.context_length="
+              f"{tokenizer.context_length} tokens (longest: {longest}) and are truncated; raise it with "
+              f"--set clip.model.context_length={longest}")
+    return longest
+
+
 def main(argv=None):
     args = training_parser(__doc__, "clip").parse_args(argv)
     dist = setup_distributed(args.device)
@@ -27,7 +51,8 @@ def main(argv=None):
         tc, dev = cfg.clip.train, dist.device
         # The vocabulary comes from the training captions (deterministic, so a resumed run rebuilds
         # the same one); it is saved in every checkpoint downstream.
-        tokenizer = Tokenizer.build(train.captions, cfg.clip.model.context_length)
+        tokenizer = Tokenizer.build(vocabulary_texts(cfg.data, train.captions), cfg.clip.model.context_length)
+        check_caption_lengths(tokenizer, train.captions, dist.is_main)
         model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)
         model.tokenizer = tokenizer
         if dist.is_main:

@@ -84,7 +84,7 @@ class ClipModelConfig:
     text_width: int = _opt(256, "text transformer width", min=1)
     text_layers: int = _opt(4, "text transformer layers", min=1)
     text_heads: int = _opt(4, "text transformer heads", min=1)
-    context_length: int = _opt(32, "tokens per caption (BOS and EOS included)", min=3)
+    context_length: int = _opt(32, "tokens per caption (BOS and EOS included); longer captions are truncated with a warning", min=3)
     dropout: float = _opt(0.0, "dropout in both encoders", min=0.0, max=1.0)
 
 
