@@ -77,3 +77,51 @@ def test_clip_i2t_top1_true_counts_objects_and_positions():
     out = evaluate_clip(FakeCLIP(image_emb, text_emb), ds)
     assert out["i2t_top1_true"] == 0.0 and out["i2t_top1"] == pytest.approx(1 / 3)
     assert "heldout_i2t_top1_true" not in out  # no held-out pair in this split
+
+
+def test_prior_oracle_and_caption_retrieval(monkeypatch):
+    import dalle2.evaluate_prior as ep
+    from dalle2.embeddings import Embeddings
+    captions = ["a red circle"] * 3 + ["a blue square", "a white rectangle", "a white rectangle", "a small blue square"]
+    objects = [[obj("red", "circle", s)] for s in ("small", "large", "medium")] + [[obj("blue", "square", "small")]] \
+        + [[obj("white", "rectangle", s)] for s in ("small", "large")] + [[obj("blue", "square", "small")]]
+    ds = captioned(captions, objects)  # images 4, 5 hold a zero-shot pair
+    d = torch.eye(8)
+    true_img = torch.stack([d[0], .6 * d[0] + .8 * d[1], .6 * d[0] + .8 * d[2],  # red circles
+                            d[3],                                                # the only "a blue square"
+                            d[4], .8 * d[4] + .6 * d[5],                         # white rectangles
+                            d[6]])                                               # the only "a small blue square"
+    assert ds.captions[:4] == ["a red circle", "a blue square", "a white rectangle", "a small blue square"]
+    text_emb = torch.stack([d[0], d[3], d[4], d[6]])  # one per caption of the table
+    emb = Embeddings(torch.stack([true_img, true_img], 1), text_emb, torch.zeros(4, 2, 4),
+                     torch.ones(4, 2, dtype=torch.bool), torch.zeros(4, 2, dtype=torch.long), "clip", "data")
+    sampled = torch.stack([d[0], d[3], d[0], d[3], d[0], d[4], d[3]])
+    # retrieves: red ok, blue WRONG, red ok, blue ok, red WRONG, white ok, "a blue square": not its own
+    # string but true of the small blue square
+    monkeypatch.setattr(ep, "sample_embeddings", lambda *a, **k: sampled)
+    out = ep.evaluate_prior(torch.nn.Identity(), emb, ds)
+    keys = list(out)
+    assert keys[keys.index("cos_true_image") + 1] == "oracle_cos_same_caption"  # printed beside it
+    # pairs: red circles .6, .6, .36; white rectangles .8; the singletons give none
+    assert out["oracle_pairs"] == 4 and out["oracle_cos_same_caption"] == pytest.approx((.6 + .6 + .36 + .8) / 4)
+    assert out["seen_oracle_pairs"] == 3 and out["seen_oracle_cos_same_caption"] == pytest.approx(1.56 / 3)
+    assert out["heldout_oracle_pairs"] == 1 and out["heldout_oracle_cos_same_caption"] == pytest.approx(.8)
+    expected = {"i2t_top1_sampled": 4 / 7, "i2t_top1_real": 1.0, "i2t_top1_true_sampled": 5 / 7,
+                "i2t_top1_true_real": 1.0, "seen_i2t_top1_sampled": 3 / 5, "seen_i2t_top1_true_sampled": 4 / 5,
+                "heldout_i2t_top1_sampled": 1 / 2, "heldout_i2t_top1_true_sampled": 1 / 2,
+                "seen_i2t_top1_true_real": 1.0, "heldout_i2t_top1_real": 1.0}
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value), key
+    assert keys.index("i2t_top1_real") == keys.index("i2t_top1_sampled") + 1  # sampled beside real
+
+
+def test_same_caption_oracle_equals_brute_force():
+    from dalle2.evaluate_prior import same_caption_oracle
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(40, 6, generator=g), dim=-1)
+    caption = torch.randint(0, 15, (40,), generator=g)
+    pairs = [(i, j) for i in range(40) for j in range(i + 1, 40) if caption[i] == caption[j]]
+    mean, n = same_caption_oracle(x, caption)
+    assert n == len(pairs) > 0
+    assert mean == pytest.approx(sum(float(x[i] @ x[j]) for i, j in pairs) / len(pairs), abs=1e-6)
+    assert same_caption_oracle(x[:3], torch.tensor([0, 1, 2]))[1] == 0  # all singletons: no pair
