@@ -98,6 +98,36 @@ def position_word(bbox) -> str:
     return " ".join(w for w in (vertical, horizontal) if w) or "center"
 
 
+def mirror_bbox(bbox) -> list:
+    """The box of the horizontally mirrored image: pixel column x becomes CANVAS - 1 - x."""
+    x1, y1, x2, y2 = bbox
+    return [CANVAS - 1 - x2, y1, CANVAS - 1 - x1, y2]
+
+
+def mirrored_caption(caption: str, objects: list) -> str | None:
+    """The caption that is true of the horizontally mirrored image, or None when the record does not
+    say enough (no objects with boxes, or a caption that is not one phrase per object).
+
+    Each object's position phrase is recomputed from its mirrored box: swapping "left" and "right" is
+    not enough, because the halves are <= 64 / > 64 (spec: Positions), so a box whose right edge is at
+    column 63 or 64 is "left" but its mirror (left edge 63 or 64) is neither left nor right, and a
+    "center" box with its left edge there mirrors to "left". Everything else in the caption is kept.
+    """
+    parts = caption.split(" and ")  # make_caption joins one phrase per object, in object order
+    if not isinstance(objects, list) or not objects or len(parts) != len(objects):
+        return None
+    out = []
+    for part, obj in zip(parts, objects):
+        head, at, _ = part.partition(" at the ")
+        if at:
+            bbox = obj.get("bbox") if isinstance(obj, dict) else None
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+                return None
+            part = head + at + position_word(mirror_bbox(bbox))
+        out.append(part)
+    return " and ".join(out)
+
+
 def boxes_overlap(a, b) -> bool:
     """Inclusive pixel boxes: touching (sharing a row or column) counts as overlap."""
     return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
