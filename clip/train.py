@@ -10,6 +10,8 @@ metrics.jsonl, checkpoint.pt}; evaluates retrieval on the test split at the end.
 """
 from __future__ import annotations
 
+import torch
+
 from clip.evaluate import evaluate_clip
 from clip.model import build_clip
 from dalle2.cli import load_and_print_config, main_wrapper, training_parser
@@ -62,12 +64,16 @@ def main(argv=None):
 
         train = train.to(dev)
         tokens = tokenizer(train.captions).to(dev)  # (U, L): every caption tokenized once
+        # caption identity by string: one string can have two table entries (images whose mirrors need
+        # different captions, see build_caption_table), and they are the same caption to the loss
+        groups: dict = {}
+        label_of = torch.tensor([groups.setdefault(c, len(groups)) for c in train.captions], device=dev)  # (U,)
         batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size)
 
         def get_batch(step: int) -> dict:
             images, caption_ids, _ = train.sample(batches.indices(step), batches.generator(step), cfg.data.flip)
             # labels = caption identity, so two images with the same caption are not pushed apart
-            return {"images": to_float(images), "tokens": tokens[caption_ids], "labels": caption_ids.to(dev)}
+            return {"images": to_float(images), "tokens": tokens[caption_ids], "labels": label_of[caption_ids.to(dev)]}
 
         def evaluate(m, step):
             return evaluate_clip(m, test)
