@@ -1,4 +1,6 @@
 """The tokenizer: any UTF-8 text, no crash on unseen words, deterministic, truncation warns."""
+import functools
+
 import pytest
 import torch
 
@@ -51,13 +53,14 @@ def test_state_dict_round_trip_is_plain_data(tmp_path):
         Tokenizer.from_state_dict({"words": []})
 
 
+@functools.lru_cache(maxsize=None)
 def shapes_captions(variant, n=3000):
     from data.shapes import sample_scene, split_rng
     captions = []
     for split, allow_holdout in (("train", False), ("test", True)):
         rng = split_rng(0, split)
         captions += [sample_scene(rng, variant, allow_holdout)["caption"] for _ in range(n)]
-    return captions
+    return tuple(captions)
 
 
 @pytest.mark.parametrize("preset", ["shapes32", "positions", "shapes64", "tiny"])
@@ -69,7 +72,7 @@ def test_shapes_context_length_fits_every_caption_and_prompt(preset):
     from dalle2.faithfulness import prompt_sets
     cfg = load_config(preset=preset)
     assert cfg.clip.model.context_length == 16
-    captions = shapes_captions("objects") + shapes_captions("positions")
+    captions = list(shapes_captions("objects") + shapes_captions("positions"))
     tok = Tokenizer.build(vocabulary_texts(cfg.data, captions), cfg.clip.model.context_length)
     assert check_caption_lengths(tok, captions) <= 12  # 11 measured on 20k + 20k; a margin of >= 4
     prompts = [p for ps in prompt_sets().values() for p in ps]
