@@ -215,10 +215,21 @@ class CLIP(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images: (N, 3, H, W) in [-1, 1]; tokens: (N, L) long.
         Returns (logits_per_image (N, N), logits_per_text (N, N) = its transpose), scaled cosine similarities."""
-        image_emb = self.encode_image(images)  # (N, E)
-        text_emb = self.encode_text_tokens(tokens)[0]  # (N, E)
-        logits_per_image = self.scale() * image_emb @ text_emb.t()  # (N, N)
+        image_feature = self.visual(images)  # (N, E) unnormalised, bf16 under autocast
+        text_feature = self.text(tokens.to(self.device))[0]  # (N, E)
+        logits_per_image = self.similarity_logits(image_feature, text_feature)  # (N, N) float32
         return logits_per_image, logits_per_image.t()
+
+    def similarity_logits(self, image_feature: torch.Tensor, text_feature: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities in float32, also under autocast: (N, E), (M, E) -> (N, M).
+
+        A bf16 matmul rounds logits near the clamp of 100 to steps of 0.5 (8 bits of mantissa), coarser
+        than the differences between close captions, so the features are normalised in fp32 and the matmul
+        runs with autocast disabled (it costs N*M*E multiply-adds, nothing next to the encoders)."""
+        with torch.autocast(device_type=image_feature.device.type, enabled=False):
+            image_emb = F.normalize(image_feature.float(), dim=-1)  # (N, E)
+            text_emb = F.normalize(text_feature.float(), dim=-1)  # (M, E)
+            return self.scale().float() * image_emb @ text_emb.t()  # (N, M)
 
     def loss(self, images: torch.Tensor, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Symmetric contrastive loss of the batch (per rank under DDP). labels: (N,) caption identity or None;

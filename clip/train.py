@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+
 from clip.evaluate import evaluate_clip
 from clip.model import build_clip
 from dalle2.checkpoint import init_from, load_stage_weights
@@ -19,6 +21,30 @@ from dalle2.cli import load_and_print_config, main_wrapper, training_parser
 from dalle2.tokenizer import Tokenizer
 from dalle2.training import Trainer, cleanup_distributed, load_data, setup_distributed
 from data.datasets import StepBatches, to_float
+
+
+def vocabulary_texts(data_cfg, captions) -> list:
+    """The texts the vocabulary is built from: the training captions and, for shapes, every word of the
+    evaluation's prompts (dalle2.faithfulness), so that none of them is spelled byte by byte."""
+    texts = list(captions)
+    if data_cfg.dataset == "shapes":
+        from dalle2.faithfulness import PROMPT_VOCABULARY
+        texts += PROMPT_VOCABULARY
+    return texts
+
+
+def check_caption_lengths(tokenizer: Tokenizer, captions, show: bool = True) -> int:
+    """Say once, naming the config key, when training captions exceed the context length (each one
+    is still truncated with the tokenizer's warning). Returns the longest caption in tokens (BOS, EOS
+    included)."""
+    lengths = [len(tokenizer.encode(c)) + 2 for c in captions]
+    longest = max(lengths, default=2)
+    over = sum(n > tokenizer.context_length for n in lengths)
+    if over and show:
+        print(f"note: {over} of {len(lengths)} training captions are longer than clip.model.context_length="
+              f"{tokenizer.context_length} tokens (longest: {longest}) and are truncated; raise it with "
+              f"--set clip.model.context_length={longest}")
+    return longest
 
 
 def main(argv=None):
@@ -30,10 +56,11 @@ def main(argv=None):
         tc, dev = cfg.clip.train, dist.device
         # The vocabulary comes from the training captions (deterministic, so a resumed run rebuilds
         # the same one); it is saved in every checkpoint downstream.
-        tokenizer = Tokenizer.build(train.captions, cfg.clip.model.context_length)
+        tokenizer = Tokenizer.build(vocabulary_texts(cfg.data, train.captions), cfg.clip.model.context_length)
         if args.init_from:  # the words of the model we start from, so its token embeddings keep their meaning
             tok_state = load_stage_weights(args.init_from, "clip")[2]
             tokenizer = Tokenizer.from_state_dict(tok_state) if tok_state else tokenizer
+        check_caption_lengths(tokenizer, train.captions, dist.is_main)
         model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)
         if args.init_from:
             init_from(model, args.init_from, "clip", asdict(cfg.clip.model), tokenizer)
@@ -45,12 +72,16 @@ def main(argv=None):
 
         train = train.to(dev)
         tokens = tokenizer(train.captions).to(dev)  # (U, L): every caption tokenized once
+        # caption identity by string: one string can have two table entries (images whose mirrors need
+        # different captions, see build_caption_table), and they are the same caption to the loss
+        groups: dict = {}
+        label_of = torch.tensor([groups.setdefault(c, len(groups)) for c in train.captions], device=dev)  # (U,)
         batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size, device=dist.device)
 
         def get_batch(step: int) -> dict:
             images, caption_ids, _ = train.sample(batches.indices(step), batches.generator(step), cfg.data.flip)
             # labels = caption identity, so two images with the same caption are not pushed apart
-            return {"images": to_float(images), "tokens": tokens[caption_ids], "labels": caption_ids.to(dev)}
+            return {"images": to_float(images), "tokens": tokens[caption_ids], "labels": label_of[caption_ids.to(dev)]}
 
         def evaluate(m, step):
             return evaluate_clip(m, test)

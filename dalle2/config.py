@@ -43,7 +43,9 @@ def _list(default, doc: str = "", min=None):
 class DataConfig:
     dataset: str = _opt("shapes", "which data: shapes | cifar10 | folder", choices=("shapes", "cifar10", "folder"))
     root: str = _opt("data/shapes_objects", "dataset folder (relative to the working directory); shapes are generated there if missing")
-    variant: str = _opt("objects", "shapes variant", choices=("objects", "positions"))
+    variant: str = _opt("objects", "shapes variant: objects (1-2 objects), positions (1 object and where it "
+                        "is) or both (the two kinds in turn in one dataset; give it its own root)",
+                        choices=("objects", "positions", "both"))
     n_train: int = _opt(20000, "shapes: training images to generate", min=1)
     n_test: int = _opt(2000, "shapes: test images to generate", min=1)
     seed: int = _opt(0, "shapes: generator seed", min=0)
@@ -87,7 +89,7 @@ class ClipModelConfig:
     text_width: int = _opt(256, "text transformer width", min=1)
     text_layers: int = _opt(4, "text transformer layers", min=1)
     text_heads: int = _opt(4, "text transformer heads", min=1)
-    context_length: int = _opt(32, "tokens per caption (BOS and EOS included)", min=3)
+    context_length: int = _opt(32, "tokens per caption (BOS and EOS included); longer captions are truncated with a warning", min=3)
     dropout: float = _opt(0.0, "dropout in both encoders", min=0.0, max=1.0)
 
 

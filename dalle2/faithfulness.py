@@ -41,6 +41,10 @@ GENERIC_NOUNS = ("shape", "object")  # "a gold shape": the colour is stated, the
 _POSITION_WORDS = {"top", "bottom", "left", "right", "center", "centre"}
 _KNOWN = (set(DETERMINERS) | set(SIZES) | set(COLOURS) | set(SHAPES) | set(GENERIC_NOUNS) | _POSITION_WORDS
           | {"and", "at", "that", "is"})
+# Every word a prompt of this module may use. A shapes CLIP's tokenizer gets them as words (clip/train.py):
+# "that" and "is" never occur in the dataset's captions, and spelled as bytes (5 + 3 tokens) they pushed two-
+# object rephrased prompts to 27 tokens, past a context_length of 16; as words the longest prompt is 15.
+PROMPT_VOCABULARY = tuple(sorted(_KNOWN))
 
 
 # ---------------------------------------------------------------------------------------------

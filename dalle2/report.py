@@ -38,9 +38,10 @@ def _fmt(v) -> str:
 
 
 def format_table(result: dict) -> str:
-    rows = [f"{'metric':<26}{'value':>10}", "-" * 36]
+    w = max([26] + [len(k) + 2 for k in result])  # long keys (heldout_oracle_cos_same_caption) stay aligned
+    rows = [f"{'metric':<{w}}{'value':>10}", "-" * (w + 10)]
     for k, v in result.items():
-        rows.append(f"{k:<26}{v:>10.4f}" if isinstance(v, float) else f"{k:<26}{v:>10}")
+        rows.append(f"{k:<{w}}{v:>10.4f}" if isinstance(v, float) else f"{k:<{w}}{v:>10}")
     return "\n".join(rows)
 
 

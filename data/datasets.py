@@ -16,7 +16,8 @@ Batches for training come from `StepBatches`, a pure function of the step: resum
 replays exactly the batches an uninterrupted run would have seen, on any number of ranks.
 
 Horizontal flips swap the words "left" and "right" in the caption, so flipped pairs stay true
-(an unflipped "a red circle at the top left" mirrored is a red circle at the top right).
+(an unflipped "a red circle at the top left" mirrored is a red circle at the top right); on shapes the
+position word is recomputed from the mirrored box, since near the middle a mirror can change the class.
 """
 
 import csv
@@ -71,25 +72,39 @@ def flip_caption(text: str) -> str:
     return _LEFT_RIGHT.sub(_swap_word, text)
 
 
-def build_caption_table(variants: Sequence[Sequence[str]]):
-    """Turn per-image caption lists into one table of unique strings plus index tensors.
+def build_caption_table(variants: Sequence[Sequence[str]], flipped: Optional[Sequence[Sequence[str]]] = None):
+    """Turn per-image caption lists into one table of captions plus index tensors.
 
     variants: for each image, its caption variants (>= 1; duplicates within an image are dropped).
+    flipped: optionally, for each image, the caption true of its mirror image for each variant (parallel
+      to variants); default flip_caption(c). Shapes positions need it: near the middle a mirrored box can
+      change its position class, not just swap left/right (data/shapes.py `mirrored_caption`).
     Returns (captions, caption_ids (N, K), num_captions (N,), flip_ids (len(captions),)).
     The table also holds the flipped version of every caption, so a flip is one lookup in flip_ids.
+    Each string appears once, except where images with the same caption have different true flips: an
+    image whose flip is not flip_caption(c) gets an entry of its own for c (same string, its own flip id).
     Rows with fewer than K variants repeat theirs cyclically, so any column is a real variant.
     """
-    index: dict[str, int] = {}
+    # key: the caption string when its flip is flip_caption(string), else (string, its flip)
+    index: dict = {}
     rows = []
-    for vs in variants:
-        row = list(dict.fromkeys(index.setdefault(c, len(index)) for c in vs))
+    for i, vs in enumerate(variants):
+        fs = [flip_caption(c) for c in vs] if flipped is None else list(flipped[i])
+        if len(fs) != len(vs):
+            raise ValueError(f"image {i}: {len(vs)} captions but {len(fs)} flipped captions")
+        keys = (c if f == flip_caption(c) else (c, f) for c, f in zip(vs, fs))
+        row = list(dict.fromkeys(index.setdefault(k, len(index)) for k in keys))
         if not row:
             raise ValueError("every image needs at least one caption")
         rows.append(row)
-    for c in list(index):
-        index.setdefault(flip_caption(c), len(index))
-    captions = list(index)
-    flip_ids = torch.tensor([index[flip_caption(c)] for c in captions], dtype=torch.long)
+    flip_of = lambda k: flip_caption(k) if isinstance(k, str) else k[1]
+    keys = list(index)
+    for k in keys:  # grows while iterating: every flip becomes a (plain) entry too
+        if flip_of(k) not in index:
+            index[flip_of(k)] = len(index)
+            keys.append(flip_of(k))
+    captions = [k if isinstance(k, str) else k[0] for k in keys]
+    flip_ids = torch.tensor([index[flip_of(k)] for k in keys], dtype=torch.long)
     k = max((len(r) for r in rows), default=1)
     caption_ids = torch.tensor([[r[j % len(r)] for j in range(k)] for r in rows], dtype=torch.long)
     caption_ids = caption_ids.view(len(rows), k)  # (N, K), also when N == 0
@@ -109,7 +124,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 class CaptionedImages:
     """A whole split in memory. Tensors may live on the GPU (`.to(device)`); images stay uint8.
 
-    images: (N, 3, H, W) uint8. captions: unique caption strings (originals and their flips).
+    images: (N, 3, H, W) uint8. captions: caption strings (originals and their flips; a string repeats
+      only where images sharing it have different true flips, see build_caption_table).
     caption_ids: (N, K) long, each image's K variants as indices into `captions`.
     num_captions: (N,) long, how many of the K variants are real (>= 1).
     flip_ids: (len(captions),) long, the caption that is true after a horizontal flip.
@@ -362,9 +378,17 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
     images = cached_images(split_dir / ".cache" / f"images_{image_size}.npy", key,
                            (len(records), 3, image_size, image_size),
                            lambda: decode_images(paths, image_size, f"decoding {split_dir}", progress))
-    captions, caption_ids, num_captions, flip_ids = build_caption_table([[r["caption"]] for r in records])
+    captions, caption_ids, num_captions, flip_ids = build_caption_table([[r["caption"]] for r in records],
+                                                                        shapes_flipped_captions(records))
     return CaptionedImages(torch.from_numpy(images), captions, caption_ids, num_captions, flip_ids,
                            metadata=records, name=f"shapes/{variant}/{split}")
+
+
+def shapes_flipped_captions(records: list) -> list:
+    """For each shapes record, [the caption true of its mirror image]: position words recomputed from
+    the mirrored boxes (data/shapes.py `mirrored_caption`), flip_caption where a record lacks boxes."""
+    from .shapes import mirrored_caption
+    return [[mirrored_caption(r["caption"], r.get("objects")) or flip_caption(r["caption"])] for r in records]
 
 
 # ---------------------------------------------------------------------------------------------

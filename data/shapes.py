@@ -6,6 +6,7 @@ the letter; where the spec is silent the choice is documented next to the code.
 Usage:
     python data/shapes.py --variant objects --out datasets/shapes            # 20,000 / 2,000, seed 0
     python data/shapes.py --variant positions --out datasets/shapes_pos --n-train 5000 --n-test 500
+    python data/shapes.py --variant both --out datasets/shapes_both      # half objects, half positions
     python data/shapes.py --out /tmp/s --n-train 200 --n-test 16 --preview /tmp/s/preview.png
 
 Output: DIR/train/ and DIR/test/, each with 000000.png ... and metadata.jsonl, one record a line:
@@ -53,7 +54,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("rectangle", "square", "ellipse", "circle", "triangle", "pentagon")
 _COLOUR_NAMES = tuple(COLOURS)
 POLYGON_SIDES = {"triangle": 3, "pentagon": 5}
-VARIANTS = ("objects", "positions")
+SCENE_VARIANTS = ("objects", "positions")  # what one scene can be
+VARIANTS = SCENE_VARIANTS + ("both",)  # "both": one dataset with both kinds of scene, alternating
 
 # A tuple in spec order, because iterating a frozenset of strings depends on PYTHONHASHSEED and
 # would make the forced test scenes (and so the files) differ between runs.
@@ -96,6 +98,36 @@ def position_word(bbox) -> str:
     vertical = "top" if y2 <= half else "bottom" if y1 > half else ""
     horizontal = "left" if x2 <= half else "right" if x1 > half else ""
     return " ".join(w for w in (vertical, horizontal) if w) or "center"
+
+
+def mirror_bbox(bbox) -> list:
+    """The box of the horizontally mirrored image: pixel column x becomes CANVAS - 1 - x."""
+    x1, y1, x2, y2 = bbox
+    return [CANVAS - 1 - x2, y1, CANVAS - 1 - x1, y2]
+
+
+def mirrored_caption(caption: str, objects: list) -> str | None:
+    """The caption that is true of the horizontally mirrored image, or None when the record does not
+    say enough (no objects with boxes, or a caption that is not one phrase per object).
+
+    Each object's position phrase is recomputed from its mirrored box: swapping "left" and "right" is
+    not enough, because the halves are <= 64 / > 64 (spec: Positions), so a box whose right edge is at
+    column 63 or 64 is "left" but its mirror (left edge 63 or 64) is neither left nor right, and a
+    "center" box with its left edge there mirrors to "left". Everything else in the caption is kept.
+    """
+    parts = caption.split(" and ")  # make_caption joins one phrase per object, in object order
+    if not isinstance(objects, list) or not objects or len(parts) != len(objects):
+        return None
+    out = []
+    for part, obj in zip(parts, objects):
+        head, at, _ = part.partition(" at the ")
+        if at:
+            bbox = obj.get("bbox") if isinstance(obj, dict) else None
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+                return None
+            part = head + at + position_word(mirror_bbox(bbox))
+        out.append(part)
+    return " and ".join(out)
 
 
 def boxes_overlap(a, b) -> bool:
@@ -192,8 +224,8 @@ def sample_scene(rng: random.Random, variant: str, allow_holdout: bool, first=No
     object, always a position phrase). first: optional (colour, shape) forced on the first object
     (used to guarantee every hold-out pair in the test split).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
+    if variant not in SCENE_VARIANTS:
+        raise ValueError(f"unknown scene variant {variant!r}, expected one of {SCENE_VARIANTS}")
     n = rng.choice((1, 2)) if variant == "objects" else 1
     while True:  # resample the whole scene (same count) if the second object finds no room
         objects = [_sample_object(rng, *(first or _sample_pair(rng, allow_holdout)))]
@@ -223,16 +255,31 @@ def split_rng(seed: int, split: str) -> random.Random:
     return random.Random(f"shapes/{seed}/{split}")
 
 
+def scene_variant(variant: str, i: int) -> str:
+    """The kind of scene i of a split: the variant itself, or for "both" objects (even i) and positions
+    (odd i) in turn, so that either kind is half of every split and of every prefix of it."""
+    return variant if variant != "both" else SCENE_VARIANTS[i % 2]
+
+
+def forced_holdout(variant: str) -> tuple:
+    """The forced first objects of the test split: every hold-out pair once, for "both" once per kind
+    (scene 2k is objects, 2k + 1 positions, both with pair k)."""
+    return _HOLDOUT_ORDER if variant != "both" else tuple(p for p in _HOLDOUT_ORDER for _ in SCENE_VARIANTS)
+
+
 def _write_split(folder: Path, n: int, rng: random.Random, variant: str, allow_holdout: bool,
                  forced: tuple, progress: bool) -> None:
-    """Write n images and metadata.jsonl into `folder` (a fresh, empty folder)."""
+    """Write n images and metadata.jsonl into `folder` (a fresh, empty folder). In the "both" variant
+    every record also says which kind of scene it is: {"file", "variant": "objects" | "positions", ...}."""
     lines = []
     for i in tqdm(range(n), desc=folder.name, unit="img", disable=not progress, mininterval=0.5):
         first = forced[i] if i < len(forced) else None
-        scene = sample_scene(rng, variant, allow_holdout, first=first)
+        kind = scene_variant(variant, i)
+        scene = sample_scene(rng, kind, allow_holdout, first=first)
         name = f"{i:06d}.png"
         render(scene["objects"]).save(folder / name)
-        lines.append(json.dumps({"file": name, **scene}) + "\n")
+        record = {"file": name, "variant": kind, **scene} if variant == "both" else {"file": name, **scene}
+        lines.append(json.dumps(record) + "\n")
     with open(folder / "metadata.jsonl", "w") as f:
         f.writelines(lines)
 
@@ -242,7 +289,8 @@ def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 
     """Generate DIR/train and DIR/test. Same arguments give byte-identical files. Returns DIR.
 
     Train never contains a hold-out pair; the first test scenes each carry one hold-out pair on
-    their first object, so every pair appears in test whenever n_test >= len(HOLDOUT_PAIRS).
+    their first object, so every pair appears in test whenever n_test >= len(HOLDOUT_PAIRS) (for
+    "both": in either kind of scene whenever n_test >= 2 * len(HOLDOUT_PAIRS)).
     Both splits are written into temporary sibling folders and renamed into place only once both
     are complete, so a crash leaves any previous dataset untouched and no half-written split.
     """
@@ -254,7 +302,7 @@ def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 
     out.mkdir(parents=True, exist_ok=True)
     jobs = {  # split: (size, may contain hold-out pairs, forced first objects)
         "train": (n_train, False, ()),
-        "test": (n_test, True, _HOLDOUT_ORDER),
+        "test": (n_test, True, forced_holdout(variant)),
     }
     tmp = {split: out / f".{split}.tmp-{os.getpid()}" for split in SPLITS}
     old = {split: out / f".{split}.old-{os.getpid()}" for split in SPLITS}
@@ -313,7 +361,8 @@ def _count(text: str) -> int:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (shared/SHAPES_SPEC.md).")
     parser.add_argument("--variant", choices=VARIANTS, default="objects",
-                        help="objects: 1-2 objects per image; positions: 1 object, captions with position")
+                        help="objects: 1-2 objects per image; positions: 1 object, captions with position; "
+                             "both: the two kinds in turn in one dataset")
     parser.add_argument("--out", required=True, help="output folder; gets train/ and test/")
     parser.add_argument("--n-train", type=_count, default=20000, help="training images")
     parser.add_argument("--n-test", type=_count, default=2000, help="test images")

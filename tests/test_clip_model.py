@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clip import CLIP, build_clip, caption_labels, contrastive_loss
 from dalle2.tokenizer import Tokenizer
@@ -200,3 +201,23 @@ def test_build_clip_from_dict_and_dataclass():
     assert a.text.token_embed.num_embeddings == 300 and a.embed_dim == 16
     with pytest.raises(ValueError, match="vocab_size"):
         build_clip({"vocab_size": 10}, vocab_size=300, image_size=32)
+
+
+def test_logits_are_float32_under_bf16_autocast():
+    # Defect 6: a bf16 matmul rounds logits near the clamp of 100 to steps of 0.5. Under CPU bf16
+    # autocast the logits must be float32 and equal the fp32 computation from the same features.
+    model, tok = tiny_clip()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))  # at the clamp, where bf16 rounding is coarsest
+        x, tokens = images(8, 32), tok(CAPTIONS * 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, logits_t = model(x, tokens)
+            img_feat, txt_feat = model.visual(x), model.text(tokens)[0]  # the same features, bf16
+            bf16_logits = model.scale() * (F.normalize(img_feat, dim=-1) @ F.normalize(txt_feat, dim=-1).t())
+        assert img_feat.dtype == torch.bfloat16  # autocast is really on for the encoders
+        assert logits.dtype == logits_t.dtype == torch.float32
+        ref = 100.0 * F.normalize(img_feat.float(), dim=-1) @ F.normalize(txt_feat.float(), dim=-1).t()
+        torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(logits_t, ref.t(), rtol=0, atol=1e-4)
+        # the check has teeth: the plain bf16 path is off by far more than the tolerance
+        assert bf16_logits.dtype == torch.bfloat16 and (bf16_logits.float() - ref).abs().max() > 1e-2
