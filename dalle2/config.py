@@ -71,7 +71,7 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", min=0.0)
     ema_decay: float = _opt(0.0, "EMA of weights (0 = off); the EMA weights are what sampling uses", min=0.0, max=1.0)
     precision: str = _opt("bf16", "bf16 autocast on CUDA (always fp32 on CPU)", choices=("bf16", "fp32"))
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile the training step (CUDA only; ignored on the CPU)")
     log_every: int = _opt(50, "steps between metrics.jsonl lines", min=1)
     eval_every: int = _opt(2000, "steps between evaluations (0 = only at the end)", min=0)
     save_every: int = _opt(1000, "steps between resume checkpoints", min=1)

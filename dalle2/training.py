@@ -232,7 +232,8 @@ class Trainer:
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             objective = DDP(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.objective = torch.compile(objective) if train_cfg.compile else objective
+        # compiled on CUDA only: on the CPU compilation costs more than it saves at these sizes
+        self.objective = torch.compile(objective) if train_cfg.compile and self.device.type == "cuda" else objective
 
     # the weights that evaluation and sampling use
     @property

@@ -11,12 +11,12 @@ from dalle2.config import _resolve_key, Config, ConfigError, config_from_dict, d
 def test_default_preset_is_shapes32_and_floats_are_floats():
     cfg = load_config()
     assert cfg.preset == "shapes32"
-    assert isinstance(cfg.clip.train.lr, float) and cfg.clip.train.lr == 5e-4  # written 5e-4 in YAML: a string to PyYAML
+    assert isinstance(cfg.clip.train.lr, float) and cfg.clip.train.lr == 8e-4  # written 8e-4 in YAML: a string to PyYAML
     assert cfg.prior.diffusion.objective == "x0"
 
 
 def test_every_preset_loads():
-    for preset in ("tiny", "shapes32", "positions", "shapes64", "cifar10"):
+    for preset in ("tiny", "shapes32", "objects", "positions", "shapes64", "cifar10"):
         assert load_config(preset=preset).preset == preset
 
 
@@ -90,7 +90,7 @@ def test_readme_option_table_shows_what_runs():
     (what runs when no preset is chosen), not the dataclass fallbacks. Regenerate it when either changes."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert describe_options() in readme
-    assert "| `decoder.train.ema_decay` | `0.9995` |" in describe_options()  # the YAML's, not Config()'s 0.0
+    assert "| `decoder.train.ema_decay` | `0.999` |" in describe_options()  # the YAML's, not Config()'s 0.0
 
 
 def test_every_option_is_documented():

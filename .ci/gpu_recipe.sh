@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The recipe run on a lent GPU (not by CI): data, CLIP, prior and decoder of the default preset, each
+# sized to a time budget (--budget: the whole LR schedule completes inside it), then the evaluation.
+# Every stage's half-precision EMA weights are written to OUTDIR the moment the stage finishes, so a
+# timeout still returns what was trained.
+#
+#   bash .ci/gpu_recipe.sh OUTDIR               # the full recipe, about 9 minutes on one H200
+#   SMOKE=1 bash .ci/gpu_recipe.sh OUTDIR       # the same path at toy size (tiny preset), under a minute on a GPU
+#
+# Budgets (minutes) can be changed with CLIP_MIN, PRIOR_MIN, DECODER_MIN; EVAL_N sets the number of test
+# captions the reader scores (default 600: seen, zero-shot and position captions). OUTDIR gets at most 8
+# files (what a device call returns): log.txt, clip|prior|decoder.safetensors, meta.tgz (configs,
+# tokenizer, model index and card of the exported model), grid.png, report.tgz (reports and metrics).
+set -uo pipefail
+out=$(realpath -m "${1:?output folder}")
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
+run=${RUN_DIR:-/tmp/recipe_run}; data=${DATA_DIR:-/tmp/recipe_shapes}
+mkdir -p "$out"; rm -rf "$run"
+exec > >(tee -a "$out/log.txt") 2>&1
+if [ "${SMOKE:-0}" = 1 ]; then
+  preset=tiny; clip_min=${CLIP_MIN:-0.15}; prior_min=${PRIOR_MIN:-0.1}; dec_min=${DECODER_MIN:-0.15}; eval_n=${EVAL_N:-16}
+  size=(data.n_train=512 data.n_test=64)
+else
+  preset=shapes32; clip_min=${CLIP_MIN:-1.3}; prior_min=${PRIOR_MIN:-0.8}; dec_min=${DECODER_MIN:-4.0}; eval_n=${EVAL_N:-600}
+  size=()
+fi
+sets=(--set "data.root=$data"); for kv in "${size[@]}"; do sets+=(--set "$kv"); done
+common=(--preset "$preset" --out "$run" --quiet "${sets[@]}")
+t_start=$(date +%s)
+log() { echo "=== $(date +%T) (+$(( $(date +%s) - t_start )) s) $*"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+# One stage's EMA weights in half precision as OUTDIR/<stage>.safetensors, its config and tokenizer into
+# meta/ (tarred), right after the stage: what a timeout later in the run cannot take away.
+export_stage() {
+  python3 - "$run" "$out" "$1" <<'EOF'
+import json, sys
+from pathlib import Path
+from safetensors.torch import save_file
+from dalle2.checkpoint import load_checkpoint
+run, out, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+ckpt = load_checkpoint(run / f"{stage}.pt", stage)
+save_file({k: v.half().contiguous() for k, v in ckpt["model"].items()}, str(out / f"{stage}.safetensors"))
+meta = out.parent / (out.name + "_meta") / stage
+meta.mkdir(parents=True, exist_ok=True)
+(meta / "config.json").write_text(json.dumps(ckpt["config"], indent=1))
+(meta.parent / "tokenizer.json").write_text(json.dumps(ckpt["tokenizer"]))
+(meta / "extra.json").write_text(json.dumps({"step": ckpt["step"], **(ckpt.get("extra") or {})}))
+print(f"exported {stage}: step {ckpt['step']}, {out / (stage + '.safetensors')}")
+EOF
+  tar czf "$out/meta.tgz" -C "${out}_meta" . 2>/dev/null
+}
+
+log "data: shapes for preset $preset into $data"
+python3 -c "
+from dalle2.config import load_config; from data.datasets import load_dataset
+import sys; cfg = load_config(preset='$preset', overrides=sys.argv[1:])
+[load_dataset(cfg.data, s) for s in ('train', 'test')]" "data.root=$data" "${size[@]}" 2>&1 | grep -v "it/s\]"
+
+log "clip: budget $clip_min min"
+python3 clip/train.py "${common[@]}" --budget "$clip_min" 2>&1 | grep -v "it/s\]" | tail -60
+export_stage clip
+log "prior: budget $prior_min min"
+python3 dalle2/train_prior.py "${common[@]}" --budget "$prior_min" 2>&1 | grep -v "it/s\]" | tail -60
+export_stage prior
+log "decoder: budget $dec_min min"
+python3 dalle2/train_decoder.py "${common[@]}" --budget "$dec_min" 2>&1 | grep -v "it/s\]" | tail -30
+export_stage decoder
+log "training done"
+
+log "sample grid: seen pairs, zero-shot pairs, positions"
+python3 sample.py "a large gold pentagon and a small blue circle" "a red circle" "a small navy square" \
+  "a white rectangle" "a gold triangle" "a blue circle and a green square" "a small teal triangle at the bottom right" \
+  "a large purple ellipse at the top left" --n 4 --checkpoints "$run" --out /tmp/recipe_samples 2>&1 | tail -3
+cp /tmp/recipe_samples/grid.png "$out/grid.png" 2>/dev/null
+
+log "evaluation: CLIP, prior, whole pipeline ($eval_n captions)"
+mkdir -p "$run/report"
+python3 clip/evaluate.py --checkpoint "$run/clip.pt" "${sets[@]}" 2>&1 | tee "$run/report/clip_eval.txt" | grep -v "it/s\]"
+python3 dalle2/evaluate_prior.py --checkpoint "$run/prior.pt" "${sets[@]}" 2>&1 | tee "$run/report/prior_eval.txt" | grep -v "it/s\]"
+python3 -m dalle2.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" 2>&1 | grep -v "it/s\]" | tail -60
+tar czf "$out/report.tgz" -C "$run" report clip/metrics.jsonl prior/metrics.jsonl decoder/metrics.jsonl \
+  clip/config.yml decoder/samples 2>/dev/null
+
+if python3 -c "import dalle2.export" 2>/dev/null; then
+  log "export: the pretrained folder (model card from the report)"
+  python3 -m dalle2.export "$run" "$run/pretrained" --half --command "SMOKE=${SMOKE:-0} bash .ci/gpu_recipe.sh (preset $preset, budgets clip $clip_min / prior $prior_min / decoder $dec_min min)" 2>&1 | tail -5
+  for s in clip prior decoder; do cp "$run/pretrained/$s/model.safetensors" "$out/$s.safetensors" 2>/dev/null; done
+  tar czf "$out/meta.tgz" -C "$run/pretrained" --exclude=model.safetensors . 2>/dev/null
+fi
+log "done"
+ls -la "$out"
