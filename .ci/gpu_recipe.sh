@@ -60,13 +60,13 @@ import sys; cfg = load_config(preset='$preset', overrides=sys.argv[1:])
 [load_dataset(cfg.data, s) for s in ('train', 'test')]" "data.root=$data" "${size[@]}" 2>&1 | grep -v "it/s\]"
 
 log "clip: budget $clip_min min"
-python3 clip/train.py "${common[@]}" --budget "$clip_min" 2>&1 | grep -v "it/s\]" | tail -60
+python3 clip/train.py "${common[@]}" --budget "$clip_min" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -60
 export_stage clip
 log "prior: budget $prior_min min"
-python3 dalle2/train_prior.py "${common[@]}" --budget "$prior_min" 2>&1 | grep -v "it/s\]" | tail -60
+python3 dalle2/train_prior.py "${common[@]}" --budget "$prior_min" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -60
 export_stage prior
 log "decoder: budget $dec_min min"
-python3 dalle2/train_decoder.py "${common[@]}" --budget "$dec_min" 2>&1 | grep -v "it/s\]" | tail -30
+python3 dalle2/train_decoder.py "${common[@]}" --budget "$dec_min" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -40
 export_stage decoder
 log "training done"
 
@@ -80,7 +80,7 @@ log "evaluation: CLIP, prior, whole pipeline ($eval_n captions)"
 mkdir -p "$run/report"
 python3 clip/evaluate.py --checkpoint "$run/clip.pt" "${sets[@]}" 2>&1 | tee "$run/report/clip_eval.txt" | grep -v "it/s\]"
 python3 dalle2/evaluate_prior.py --checkpoint "$run/prior.pt" "${sets[@]}" 2>&1 | tee "$run/report/prior_eval.txt" | grep -v "it/s\]"
-python3 -m dalle2.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" 2>&1 | grep -v "it/s\]" | tail -60
+python3 -m dalle2.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -60
 tar czf "$out/report.tgz" -C "$run" report clip/metrics.jsonl prior/metrics.jsonl decoder/metrics.jsonl \
   clip/config.yml decoder/samples 2>/dev/null
 

@@ -458,7 +458,7 @@ class Trainer:
         text = f"[{self.stage}] training speed: {record['train_images_per_s']:,.0f} images/s"
         if speed["flops"]:
             record["train_tflops"] = speed["flops"] * steps_per_s / 1e12
-            text += f", {record['train_tflops']:.1f} TFLOP/s"
+            text += f", {record['train_tflops']:.3g} TFLOP/s"
             peak = bf16_peak_tflops(self.device)
             if peak:
                 record["peak_share"] = record["train_tflops"] / peak
