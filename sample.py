@@ -66,5 +66,8 @@ def main(argv=None):
     return out
 
 
+cli = main_wrapper(main)  # the `dalle2-sample` console script of an installed wheel
+
+
 if __name__ == "__main__":
     main_wrapper(main)()

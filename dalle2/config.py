@@ -23,7 +23,9 @@ import yaml
 
 from .files import atomic_write_text
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model_config.yml"
+# Shipped inside the package (package data), so an editable and a normal install find it the same
+# way: next to this file, never from the working directory.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "model_config.yml"
 DEFAULT_PRESET = "shapes32"
 
 
@@ -373,7 +375,7 @@ def config_from_dict(data: dict, source: str) -> Config:
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """--config, --preset and --set on every entry point."""
     g = parser.add_argument_group("config")
-    g.add_argument("--config", default=None, help=f"config file (default: {DEFAULT_CONFIG.name} in the repo)")
+    g.add_argument("--config", default=None, help=f"config file (default: dalle2/{DEFAULT_CONFIG.name}, shipped with the package)")
     g.add_argument("--preset", default=None, help="named preset: tiny, shapes32 (default), cifar10, ...")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set clip.train.lr=3e-4 (repeatable; 'clip.lr' works when unique)")
