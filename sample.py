@@ -63,7 +63,7 @@ def main(argv=None):
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else mps, else CPU) | cpu | cuda | mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off for many images)")
     args = p.parse_args(argv)
 

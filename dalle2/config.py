@@ -59,6 +59,7 @@ class DataConfig:
 class TrainConfig:
     steps: int = _opt(10000, "optimizer steps", min=1)
     batch_size: int = _opt(512, "global batch size (split across DDP ranks)", min=1)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradients summed): a small GPU keeps the global batch_size", min=1)
     lr: float = _opt(5e-4, "peak learning rate (AdamW)", min=0.0)
     min_lr_ratio: float = _opt(0.1, "cosine decay ends at lr * min_lr_ratio", min=0.0, max=1.0)
     warmup_steps: int = _opt(500, "linear warm-up steps", min=0)
@@ -67,7 +68,7 @@ class TrainConfig:
     beta2: float = _opt(0.999, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", min=0.0)
     ema_decay: float = _opt(0.0, "EMA of weights (0 = off); the EMA weights are what sampling uses", min=0.0, max=1.0)
-    precision: str = _opt("bf16", "bf16 autocast on CUDA (always fp32 on CPU)", choices=("bf16", "fp32"))
+    precision: str = _opt("bf16", "autocast on CUDA: bf16, fp16 (with a gradient scaler; used by itself when the GPU has no bf16) or fp32; always fp32 off CUDA", choices=("bf16", "fp16", "fp32"))
     compile: bool = _opt(False, "torch.compile the model")
     log_every: int = _opt(50, "steps between metrics.jsonl lines", min=1)
     eval_every: int = _opt(2000, "steps between evaluations (0 = only at the end)", min=0)
@@ -353,6 +354,10 @@ def check_consistency(cfg: Config, source: str) -> Config:
     need(c.text_width % c.text_heads == 0, "clip.model.text_heads", f"{c.text_heads} does not divide text_width {c.text_width}")
     need(p.width % p.heads == 0, "prior.model.heads", f"{p.heads} does not divide width {p.width}")
     need(d.text_width % d.text_heads == 0, "decoder.model.text_heads", f"{d.text_heads} does not divide text_width {d.text_width}")
+    for stage in ("clip", "prior", "decoder"):
+        tc = getattr(cfg, stage).train
+        need(tc.grad_accum <= tc.batch_size, f"{stage}.train.grad_accum",
+             f"{tc.grad_accum} micro-batches cannot split a batch_size of {tc.batch_size}")
     levels = len(d.channel_mult)
     need(size % 2 ** (levels - 1) == 0, "decoder.model.channel_mult",
          f"{levels} resolutions need data.image_size divisible by {2 ** (levels - 1)}")
