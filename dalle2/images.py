@@ -40,18 +40,38 @@ def _font():
     return ImageFont.load_default()
 
 
+def _space(font) -> float:
+    """The gap drawn between words: Pillow's default font (Aileron at 10 px) has a 2-px space, which
+    reads as no space at all ("a photoof an"), so at least 4 px."""
+    return max(font.getlength(" "), 4.0)
+
+
+def text_width(line: str, font) -> float:
+    """Rendered width of one line as draw_text draws it."""
+    words = line.split(" ")
+    return sum(font.getlength(w) for w in words) + _space(font) * (len(words) - 1)
+
+
 def _wrap(text: str, font, max_px: int) -> list[str]:
-    """Greedy word wrap at a rendered pixel width."""
+    """Greedy word wrap at a rendered pixel width (measured with the gap draw_text draws)."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}" if line else word
-        if line and font.getlength(candidate) > max_px:
+        if line and text_width(candidate, font) > max_px:
             lines.append(line)
             line = word
         else:
             line = candidate
     lines.append(line)
     return lines
+
+
+def draw_text(draw, xy, line: str, font, fill) -> None:
+    """One line of text, word by word with a visible gap between words (see _space)."""
+    x, y = xy
+    for word in line.split(" "):
+        draw.text((x, y), word, fill=fill, font=font)
+        x += font.getlength(word) + _space(font)
 
 
 def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int = 4) -> Image.Image:
@@ -88,7 +108,7 @@ def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int 
         y0 = pad + (i // cols) * cell_h
         grid.paste(tile, (x0, y0))
         for j, line in enumerate(lines):
-            draw.text((x0, y0 + tile_h + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
+            draw_text(draw, (x0, y0 + tile_h + 2 + j * line_h), line, font, (0, 0, 0))
     return grid
 
 

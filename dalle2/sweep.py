@@ -39,6 +39,15 @@ def recommend(results: list[dict]) -> int:
     return max(range(len(results)), key=key)
 
 
+def guidance_lines(settings: list[dict]) -> list[list[int]]:
+    """Indices of the settings that differ only in decoder guidance, each group in guidance order:
+    the plot joins them, so one line shows what raising the guidance does."""
+    groups: dict = {}
+    for i, st in enumerate(settings):
+        groups.setdefault((st["prior_guidance_scale"], st["steps"]), []).append(i)
+    return [sorted(idx, key=lambda i: settings[i]["guidance_scale"]) for idx in groups.values()]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", default="runs")
@@ -51,7 +60,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--reader-cache", default=None)
     args = p.parse_args(argv)
-    from dalle2.report import scatter_plot
+    from dalle2.plots import scatter_plot
     device = pick_device(args.device)
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(
@@ -75,13 +84,14 @@ def main(argv=None):
     em = [exact_match(r) if exact_match(r) is not None else float("nan") for r in results]
     div = [r["diversity"]["clip_pairwise_distance"] for r in results]
     fd = [r["distance"]["clip_fd"] for r in results]
+    lines = guidance_lines([r["settings"] for r in results])
     y_label = "exact match" if reader is not None else "CLIP FD"
     ys = em if reader is not None else fd
     scatter_plot([
         {"title": f"{y_label} vs diversity", "xlabel": "CLIP pairwise distance (diversity)", "ylabel": y_label,
-         "points": list(zip(div, ys, labels)), "highlight": best},
+         "points": list(zip(div, ys, labels)), "highlight": best, "lines": lines},
         {"title": f"{y_label} vs distance to real", "xlabel": "CLIP Frechet distance", "ylabel": y_label,
-         "points": list(zip(fd, ys, labels)), "highlight": best},
+         "points": list(zip(fd, ys, labels)), "highlight": best, "lines": lines},
     ], out / "sweep.png")
     summary = {"recommended": results[best]["settings"], "results": [
         {"settings": r["settings"], "exact_match": exact_match(r), "diversity": r["diversity"],
