@@ -140,3 +140,22 @@ def line_plot(panels: list[dict], path: str | os.PathLike, size=(460, 300)) -> P
                 text = spec["label"]
                 draw_text(draw, (ax.x1 - 6 - text_width(text, font), ax.y0 + 4 + 12 * k), text, font, colour)
     return save_image_atomic(img, path)
+
+
+def training_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike, stage: str) -> Path | None:
+    """OUT/<stage>/loss.png from OUT/<stage>/metrics.jsonl: the training loss (mean over each
+    log_every window) and the learning rate against the step. None while nothing is logged."""
+    import json
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    if not rows:
+        return None
+    return line_plot([
+        {"title": f"{stage}: training loss", "xlabel": "step", "ylabel": "loss (mean per log interval)",
+         "series": [{"label": "train", "points": [(r["step"], r["loss"]) for r in rows]}]},
+        {"title": f"{stage}: learning rate", "xlabel": "step", "ylabel": "lr",
+         "series": [{"label": "lr", "points": [(r["step"], r["lr"]) for r in rows if "lr" in r]}]},
+    ], out_path)

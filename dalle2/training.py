@@ -8,6 +8,7 @@ the model's `loss(**batch)` returns a scalar loss. Run folder layout (`--out DIR
     DIR/<stage>.pt                 final checkpoint (EMA weights when EMA is on)
     DIR/<stage>/config.yml         resolved config
     DIR/<stage>/metrics.jsonl      one JSON object per log step / evaluation
+    DIR/<stage>/loss.png           loss and learning rate against the step (each evaluation, the end)
     DIR/<stage>/checkpoint.pt      resume state (model, EMA, optimizer, step, RNG)
     DIR/<stage>/samples/           pictures written by the stage's callbacks
 """
@@ -317,6 +318,12 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def plot_curves(self) -> None:
+        """DIR/<stage>/loss.png: loss and learning rate so far (at each evaluation and at the end)."""
+        if self.dist.is_main:
+            from .plots import training_curves
+            training_curves(self.metrics_path, self.run_dir / "loss.png", self.stage)
+
     def print(self, text: str) -> None:
         if self.dist.is_main:
             tqdm.write(text)
@@ -408,6 +415,7 @@ class Trainer:
         if self.step < tc.steps:
             self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {tc.steps}")
         self.save(final=True)
+        self.plot_curves()
         if evaluate is not None:
             self._run_callback(evaluate, "eval", final=True)
         if sample is not None:
@@ -452,6 +460,8 @@ class Trainer:
             with torch.no_grad():
                 result = callback(model, self.step)
             model.train(was_training)
+            if what == "eval" and not final:  # the end of fit() draws the final one
+                self.plot_curves()
             if what == "eval" and result:
                 self.log({"step": self.step, "eval": result})
                 if final:

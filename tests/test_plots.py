@@ -70,3 +70,34 @@ def test_captioned_grid_wraps_inside_the_tile():
     # the captions wrap under their own 96-px tile: the 4-px gutter between the tiles stays white
     a = np.asarray(grid.convert("L"))
     assert (a[96 + 4:, 96 + 4:96 + 8] > 200).all()
+
+
+def test_training_draws_loss_png_at_evaluations_and_the_end(tmp_path):
+    import torch
+
+    from dalle2.config import load_config
+    from dalle2.training import Trainer
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 1)
+
+        def loss(self, x):
+            return ((self.net(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+    cfg = load_config(preset="tiny", overrides=[f"prior.train.{k}" for k in (
+        "steps=8", "warmup_steps=2", "log_every=1", "eval_every=4", "save_every=4", "batch_size=8")])
+    torch.manual_seed(0)
+    trainer = Trainer("prior", cfg, cfg.prior.train, Regression(), tmp_path)
+    png = tmp_path / "prior" / "loss.png"
+    seen = []
+
+    def evaluate(model, step):
+        seen.append((step, png.is_file()))
+        return {"ok": 1.0}
+    trainer.fit(lambda step: {"x": torch.randn(8, 3)}, evaluate=evaluate)
+    assert seen == [(4, False), (8, True)]  # drawn after the step-4 evaluation, redrawn at the end
+    img = Image.open(png)
+    assert img.size == (920, 300)
+    assert (np.asarray(img.convert("L")) < 128).mean() > 0.01  # axes, text and two curves
