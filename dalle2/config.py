@@ -51,7 +51,7 @@ class DataConfig:
     seed: int = _opt(0, "shapes: generator seed", min=0)
     image_size: int = _opt(32, "side of the images the models see", choices=(16, 32, 64))
     flip: bool = _opt(True, "random horizontal flips (captions' left/right are swapped to stay true)")
-    captions_file: str = _opt("captions.jsonl", "folder dataset: captions file (CSV or JSONL) inside root")
+    captions_file: str = _opt("captions.jsonl", "folder dataset: captions file (CSV or JSONL) inside root; when missing, a Hugging Face metadata.jsonl or caption .txt files beside the images")
     download: bool = _opt(False, "cifar10: download through torchvision if missing")
 
 
