@@ -53,6 +53,24 @@ def faithfulness_table(sets: dict) -> list[str]:
     return lines
 
 
+def caption_match_table(report: dict) -> list[str]:
+    """Markdown lines: CLIP score / R-precision per prompt set and for the real test images."""
+    rows = [(name, e["caption_match"], e.get("n_images")) for name, e in report["sets"].items() if e.get("caption_match")]
+    real = (report.get("reference") or {}).get("caption_match")
+    if real:
+        rows.append(("real test images (reference)", real, None))
+    if not rows:
+        return []
+    out = ["## Caption match (the run's own CLIP)", "",
+           "CLIP score: mean 100 * max(cosine, 0) of image and caption. R-precision: share of images whose caption "
+           "beats random other captions (chance 1 / (1 + distractors)). Top-1: their caption is the closest of all.",
+           "", "| prompts | n | CLIP score | R-precision | distractors | top-1 of all captions |", "|---|---|---|---|---|---|"]
+    for name, m, n in rows:
+        out.append(f"| {name} | {_fmt(n)} | {_fmt(m['clip_score'])} | {_fmt(m['r_precision'])} | {m['n_distractors']} | "
+                   f"{_fmt(m['retrieval_top1'])} (of {m['n_captions']}) |")
+    return out + [""]
+
+
 def markdown(report: dict) -> str:
     out = [f"# Evaluation report: `{report['checkpoints']}`", ""]
     s = report.get("sampling", {})
@@ -71,6 +89,7 @@ def markdown(report: dict) -> str:
                 "match per image (exact: everything stated is right and nothing extra is drawn). `heldout`: "
                 "captions naming a zero-shot colour-shape pair never seen in training.", ""]
         out += faithfulness_table(report["sets"]) + [""]
+    out += caption_match_table(report)
     div = report.get("diversity") or {}
     dist, mem, ref = report.get("distance") or {}, report.get("memorisation") or {}, report.get("reference") or {}
     out += ["## Diversity, memorisation, distance", "", "| figure | generated | real data reference |", "|---|---|---|"]

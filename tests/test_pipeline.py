@@ -1,9 +1,12 @@
 """The one-command pipeline end to end on an even smaller tiny run, then the guidance sweep on it."""
 import json
+import shlex
 
 from conftest import tiny_overrides
+from dalle2.config import load_config
 from dalle2.pipeline import main as pipeline
 from dalle2.sweep import main as sweep
+from data.datasets import load_dataset
 
 
 def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
@@ -21,7 +24,13 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
     assert report["reader_accuracy"]["all"]["colour"] > 0.97  # the reader's ceiling is reported
     assert {"clip_fd", "clip_kid"} <= set(report["distance"]) and "near_duplicate_rate" in report["memorisation"]
     assert "rephrased" in report["sets"] and "partial" in report["sets"]
-    capsys.readouterr()
+    match = report["sets"]["test"]["caption_match"]
+    assert 0.0 <= match["r_precision"] <= 1.0 and report["reference"]["caption_match"]["n_captions"] >= 1
+    assert all((out / stage / "loss.png").is_file() for stage in ("clip", "prior", "decoder"))
+    # the closing hint draws a caption of the run's own data
+    cfg = load_config(preset="tiny", overrides=tiny_overrides(tmp_path / "shapes")[1::2])
+    test = load_dataset(cfg.data, "test", generate_missing=False)
+    assert f"python sample.py {shlex.quote(test.caption_of(0))} --checkpoints" in capsys.readouterr().out
 
     pipeline(argv + ["--skip-eval"])  # everything trained: every stage is skipped
     text = capsys.readouterr().out
