@@ -15,9 +15,9 @@ from .images import draw_text, save_image_atomic, text_width
 COLOURS = ("navy", "darkorange", "seagreen", "purple", "firebrick", "teal")
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> tuple[list[float], int]:
+def nice_ticks(lo: float, hi: float, n: int = 6) -> tuple[list[float], int]:
     """About n rounded tick values spanning [lo, hi] (the first <= lo, the last >= hi) and the
-    number of decimals that prints them exactly: nice_ticks(0.103, 0.352) -> [0.1, 0.15, ..., 0.35, 0.4]."""
+    number of decimals that prints them exactly: nice_ticks(0.103, 0.352) -> [0.1, 0.15, ..., 0.4]."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"nice_ticks needs finite bounds, got {lo}, {hi}")
     if hi <= lo:
@@ -41,12 +41,14 @@ def _fmt_tick(v: float, decimals: int) -> str:
 class _Axes:
     """One panel at x offset `ox` of a (w, h) cell: frame, title, labels, ticks and a data->pixel map."""
 
-    def __init__(self, draw, font, ox: int, size: tuple[int, int], panel: dict, xs: list, ys: list):
+    def __init__(self, draw, font, ox: int, size: tuple[int, int], panel: dict, xs: list, ys: list,
+                 pad_data: bool = True):
         self.draw, self.font = draw, font
         w, h = size
         self.cell = (ox, ox + w)
         line_h = font.getbbox("Ag")[3] + 4
-        pad = lambda lo, hi: (hi - lo) * 0.08 or abs(hi) * 0.1 or 0.5
+        # scatter points get a margin so none sits on the frame; curves span exactly their data
+        pad = (lambda lo, hi: (hi - lo) * 0.08 or abs(hi) * 0.1 or 0.5) if pad_data else (lambda lo, hi: 0.0)
         xlo, xhi = (min(xs), max(xs)) if xs else (0.0, 1.0)
         ylo, yhi = (min(ys), max(ys)) if ys else (0.0, 1.0)
         self.xticks, xd = nice_ticks(xlo - pad(xlo, xhi), xhi + pad(xlo, xhi))
@@ -128,7 +130,8 @@ def line_plot(panels: list[dict], path: str | os.PathLike, size=(460, 300)) -> P
     font = ImageFont.load_default()
     for p_i, panel in enumerate(panels):
         series = [[(x, y) for x, y in s["points"] if _finite(x, y)] for s in panel["series"]]
-        ax = _Axes(draw, font, p_i * w, size, panel, [x for s in series for x, _ in s], [y for s in series for _, y in s])
+        ax = _Axes(draw, font, p_i * w, size, panel, [x for s in series for x, _ in s], [y for s in series for _, y in s],
+                   pad_data=False)
         for k, (spec, pts) in enumerate(zip(panel["series"], series)):
             colour = COLOURS[k % len(COLOURS)]
             xy = [(ax.sx(x), ax.sy(y)) for x, y in pts]
