@@ -5,7 +5,9 @@
     python sample.py --prompts prompts.txt --guidance-scale 3 --steps 50 --seed 0
 
 Writes OUT/0000.png, 0001.png, ... in prompt order (OUT/0000_0.png, 0000_1.png, ... with --n > 1) and
-OUT/grid.png with the captions under the images. Same seed, arguments and device: same images.
+OUT/grid.png with the captions under the images. Same seed, arguments and device: same images. Every
+PNG carries its caption and settings (seed, guidance, steps, sampler, the weights' hashes) as JSON in
+its "dalle2" text chunk, and OUT/samples.jsonl holds the same, one line per image.
 """
 from __future__ import annotations
 
@@ -26,6 +28,27 @@ def check_writable(out: Path) -> None:
         raise SystemExit(f"error: {out}: the output folder is not writable")
 
 
+def sample_records(model, args, captions: list[str]) -> list[dict]:
+    """One dict per image (rows: caption 0 sample 0, caption 0 sample 1, ...) with everything that
+    decides it: the caption, its row in the call, the resolved sampling settings and the hashes of
+    the three networks' weights."""
+    s = model.sampling
+
+    def pick(value, name):
+        return getattr(s, name) if value is None else value
+    common = {
+        "seed": args.seed, "n_per_text": args.n, "batch_size": pick(args.batch_size, "batch_size"),
+        "guidance_scale": pick(args.guidance_scale, "guidance_scale"),
+        "prior_guidance_scale": pick(args.prior_guidance_scale, "prior_guidance_scale"),
+        "steps": pick(args.steps, "steps"), "prior_steps": pick(args.prior_steps, "prior_steps"),
+        "sampler": pick(args.sampler, "sampler"), "eta": s.eta, "candidates": s.candidates, "clip_x0": s.clip_x0,
+        "device": str(model.device),
+        "weights": {name: getattr(getattr(model, name), "checkpoint_hash", None) for name in ("clip", "prior", "decoder")},
+    }
+    rows = [c for c in captions for _ in range(args.n)]
+    return [{"caption": c, "index": i, **common} for i, c in enumerate(rows)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("captions", nargs="*", help="captions to draw")
@@ -41,7 +64,7 @@ def main(argv=None):
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else mps, else CPU) | cpu | cuda | mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off for many images)")
     args = p.parse_args(argv)
 
@@ -63,9 +86,12 @@ def main(argv=None):
                             prior_guidance_scale=args.prior_guidance_scale, steps=args.steps,
                             prior_steps=args.prior_steps, sampler=args.sampler, seed=args.seed,
                             batch_size=args.batch_size, progress=True)
-    write_samples(model.to_pil(images), captions, out, args.n)
+    write_samples(model.to_pil(images), captions, out, args.n, records=sample_records(model, args, captions))
     print(f"wrote {len(images)} images and grid.png to {out}/")
     return out
+
+
+cli = main_wrapper(main)  # the `dalle2-sample` console script of an installed wheel
 
 
 if __name__ == "__main__":

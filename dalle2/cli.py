@@ -42,7 +42,7 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="run folder shared by all stages (default: runs/); "
                    f"writes OUT/{stage}.pt and OUT/{stage}/")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{stage}/checkpoint.pt")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else mps, else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop after this many minutes as if training had finished (final checkpoint, evaluation)")

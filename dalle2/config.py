@@ -23,7 +23,9 @@ import yaml
 
 from .files import atomic_write_text
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model_config.yml"
+# Shipped inside the package (package data), so an editable and a normal install find it the same
+# way: next to this file, never from the working directory.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "model_config.yml"
 DEFAULT_PRESET = "shapes32"
 
 
@@ -51,7 +53,7 @@ class DataConfig:
     seed: int = _opt(0, "shapes: generator seed", min=0)
     image_size: int = _opt(32, "side of the images the models see", choices=(16, 32, 64))
     flip: bool = _opt(True, "random horizontal flips (captions' left/right are swapped to stay true)")
-    captions_file: str = _opt("captions.jsonl", "folder dataset: captions file (CSV or JSONL) inside root")
+    captions_file: str = _opt("captions.jsonl", "folder dataset: captions file (CSV or JSONL) inside root; when missing, a Hugging Face metadata.jsonl or caption .txt files beside the images")
     download: bool = _opt(False, "cifar10: download through torchvision if missing")
 
 
@@ -62,6 +64,7 @@ class TrainConfig:
                                  "throughput is measured over the first steps and the step count fixed so that "
                                  "warm-up and the whole cosine decay fit", min=0.0)
     batch_size: int = _opt(512, "global batch size (split across DDP ranks)", min=1)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradients summed): a small GPU keeps the global batch_size", min=1)
     lr: float = _opt(5e-4, "peak learning rate (AdamW)", min=0.0)
     min_lr_ratio: float = _opt(0.1, "cosine decay ends at lr * min_lr_ratio", min=0.0, max=1.0)
     warmup_steps: int = _opt(500, "linear warm-up steps", min=0)
@@ -70,7 +73,7 @@ class TrainConfig:
     beta2: float = _opt(0.999, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", min=0.0)
     ema_decay: float = _opt(0.0, "EMA of weights (0 = off); the EMA weights are what sampling uses", min=0.0, max=1.0)
-    precision: str = _opt("bf16", "bf16 autocast on CUDA (always fp32 on CPU)", choices=("bf16", "fp32"))
+    precision: str = _opt("bf16", "autocast on CUDA: bf16, fp16 (with a gradient scaler; used by itself when the GPU has no bf16) or fp32; always fp32 off CUDA", choices=("bf16", "fp16", "fp32"))
     compile: bool = _opt(False, "torch.compile the training step (CUDA only; ignored on the CPU)")
     log_every: int = _opt(50, "steps between metrics.jsonl lines", min=1)
     eval_every: int = _opt(2000, "steps between evaluations (0 = only at the end)", min=0)
@@ -359,6 +362,10 @@ def check_consistency(cfg: Config, source: str) -> Config:
     need(c.text_width % c.text_heads == 0, "clip.model.text_heads", f"{c.text_heads} does not divide text_width {c.text_width}")
     need(p.width % p.heads == 0, "prior.model.heads", f"{p.heads} does not divide width {p.width}")
     need(d.text_width % d.text_heads == 0, "decoder.model.text_heads", f"{d.text_heads} does not divide text_width {d.text_width}")
+    for stage in ("clip", "prior", "decoder"):
+        tc = getattr(cfg, stage).train
+        need(tc.grad_accum <= tc.batch_size, f"{stage}.train.grad_accum",
+             f"{tc.grad_accum} micro-batches cannot split a batch_size of {tc.batch_size}")
     levels = len(d.channel_mult)
     need(size % 2 ** (levels - 1) == 0, "decoder.model.channel_mult",
          f"{levels} resolutions need data.image_size divisible by {2 ** (levels - 1)}")
@@ -381,7 +388,7 @@ def config_from_dict(data: dict, source: str) -> Config:
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """--config, --preset and --set on every entry point."""
     g = parser.add_argument_group("config")
-    g.add_argument("--config", default=None, help=f"config file (default: {DEFAULT_CONFIG.name} in the repo)")
+    g.add_argument("--config", default=None, help=f"config file (default: dalle2/{DEFAULT_CONFIG.name}, shipped with the package)")
     g.add_argument("--preset", default=None, help="named preset: tiny, shapes32 (default), cifar10, ...")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set clip.train.lr=3e-4 (repeatable; 'clip.lr' works when unique)")

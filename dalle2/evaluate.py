@@ -11,7 +11,10 @@ partial prompt sets. The reader's own accuracy on real renders (its ceiling) is 
 Diversity: CLIP-space spread of several samples per caption and the spread of object positions and
 sizes. Memorisation: share of samples whose nearest training image (CLIP space) is a near-duplicate.
 Distance: Frechet / kernel distances on the project's own CLIP image features (no download), plus the
-standard FID/KID when torchvision's Inception weights are already on the machine.
+standard FID/KID when torchvision's Inception weights are already on the machine. Caption match, for
+any data (the only faithfulness figure where no attribute reader exists: CIFAR-10, user folders): CLIP
+score and R-precision of each image against its caption with the run's own CLIP, next to the same
+figures for real test images.
 
 Writes OUT/report.json (all figures), OUT/report.md (tables) and OUT/best_worst.png.
 """
@@ -72,6 +75,17 @@ def diversity(model, reader, captions: list[str], settings: dict, seed: int) -> 
     return out
 
 
+def caption_match_of(model, feats: torch.Tensor, rows: list[str], seed: int = 0) -> dict:
+    """CLIP score and R-precision (dalle2.metrics.caption_match) of images, given by their CLIP image
+    features (N, E), against their captions `rows` (N), with the run's own CLIP."""
+    from clip.evaluate import embed_texts
+    from dalle2.metrics import caption_match
+    distinct = list(dict.fromkeys(rows))
+    index = {c: i for i, c in enumerate(distinct)}
+    text = embed_texts(model.clip, distinct).cpu()
+    return caption_match(feats, text, torch.tensor([index[c] for c in rows]), seed=seed)
+
+
 @dataclass
 class RealFeatures:
     """Features of the real images the generated ones are compared with, computed once per run (a
@@ -107,6 +121,8 @@ def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real:
         images = model.generate(captions, n_per_text=n_per_text, seed=seed, progress=True, **settings)
         rows = [c for c in captions for _ in range(n_per_text)]
         entry = {"n_images": len(rows)}
+        feats = clip_features(model.clip, to_uint8(images))
+        entry["caption_match"] = caption_match_of(model, feats, rows, seed)
         if reader is not None:
             scored = faithfulness(reader, to_uint8(images), rows)
             entry["faithfulness"] = scored["summary"]
@@ -116,12 +132,12 @@ def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real:
             entry["images"], entry["captions"] = images, rows
         result["sets"][name] = entry
         if name == "test":
-            test_images = images
+            test_images, test_feats = images, feats
     first = next(iter(prompt_sets.values()))
     result["diversity"] = diversity(model, reader, list(dict.fromkeys(first)), settings, seed)
     if test_images is not None and real is not None:
         gen_u8 = to_uint8(test_images)
-        gen_feats = clip_features(model.clip, gen_u8)
+        gen_feats = test_feats
         result["distance"] = distances(gen_feats, real.test, seed)
         if real.inception is not None:
             standard = fid_kid_from_features(real.inception_test,
@@ -221,6 +237,8 @@ def main(argv=None):
         print(format_accuracy(report["reader_accuracy"]))
     real = RealFeatures.compute(model, real_test, real_train, args.inception)
     report["reference"] = reference_figures(real, args.seed)
+    if "test" in prompt_sets:  # real test images with their own captions: what a perfect generator scores
+        report["reference"]["caption_match"] = caption_match_of(model, real.test, prompt_sets["test"], args.seed)
     result = evaluate_settings(model, reader, prompt_sets, settings, real=real, n_per_text=args.n, seed=args.seed,
                                keep_images=True)
     report.update(result)

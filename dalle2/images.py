@@ -5,11 +5,13 @@ Pillow only: torch is never imported here, tensors are handled by duck typing so
 this module stays cheap and side-effect free.
 """
 
+import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
-from .files import atomic_write
+from .files import atomic_write, atomic_write_text
 
 
 def to_pil(x) -> Image.Image:
@@ -38,18 +40,38 @@ def _font():
     return ImageFont.load_default()
 
 
+def _space(font) -> float:
+    """The gap drawn between words: Pillow's default font (Aileron at 10 px) has a 2-px space, which
+    reads as no space at all ("a photoof an"), so at least 4 px."""
+    return max(font.getlength(" "), 4.0)
+
+
+def text_width(line: str, font) -> float:
+    """Rendered width of one line as draw_text draws it."""
+    words = line.split(" ")
+    return sum(font.getlength(w) for w in words) + _space(font) * (len(words) - 1)
+
+
 def _wrap(text: str, font, max_px: int) -> list[str]:
-    """Greedy word wrap at a rendered pixel width."""
+    """Greedy word wrap at a rendered pixel width (measured with the gap draw_text draws)."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}" if line else word
-        if line and font.getlength(candidate) > max_px:
+        if line and text_width(candidate, font) > max_px:
             lines.append(line)
             line = word
         else:
             line = candidate
     lines.append(line)
     return lines
+
+
+def draw_text(draw, xy, line: str, font, fill) -> None:
+    """One line of text, word by word with a visible gap between words (see _space)."""
+    x, y = xy
+    for word in line.split(" "):
+        draw.text((x, y), word, fill=fill, font=font)
+        x += font.getlength(word) + _space(font)
 
 
 def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int = 4) -> Image.Image:
@@ -86,31 +108,54 @@ def captioned_grid(images: list, captions: list[str], cols: int = 8, scale: int 
         y0 = pad + (i // cols) * cell_h
         grid.paste(tile, (x0, y0))
         for j, line in enumerate(lines):
-            draw.text((x0, y0 + tile_h + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
+            draw_text(draw, (x0, y0 + tile_h + 2 + j * line_h), line, font, (0, 0, 0))
     return grid
 
 
-def save_image_atomic(img: Image.Image, path) -> Path:
+def save_image_atomic(img: Image.Image, path, text: dict | None = None) -> Path:
     """Save `img` to `path` so that readers never see a half-written file.
 
     Writes to a temporary file in the same folder (same filesystem, so the final os.replace is
     atomic), keeping the suffix so Pillow picks the format from it. Creates the folder if needed.
+    `text` ({keyword: str}) goes into a PNG as iTXt chunks (UTF-8; read back with Image.open(p).text).
     """
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: Pillow does not know the image format of {path.suffix!r}")
-    return atomic_write(path, lambda f: img.save(f, format=fmt))
+    extra = {}
+    if text:
+        if fmt != "PNG":
+            raise ValueError(f"{path}: text chunks need a .png file")
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
+        extra["pnginfo"] = info
+    return atomic_write(path, lambda f: img.save(f, format=fmt, **extra))
 
 
-def write_samples(images: list, captions: list[str], out, n_per_text: int = 1) -> list[Path]:
+SETTINGS_KEY = "dalle2"  # the PNG text chunk holding an image's settings as JSON
+
+
+def write_samples(images: list, captions: list[str], out, n_per_text: int = 1,
+                  records: list[dict] | None = None) -> list[Path]:
     """Save generated images as OUT/0000.png, 0001.png, ... in caption order (OUT/0000_0.png,
     0000_1.png, ... when n_per_text > 1), plus OUT/grid.png with the captions under the images.
-    `images` are PIL images, n_per_text consecutive ones per caption. Returns the written paths."""
+    `images` are PIL images, n_per_text consecutive ones per caption. With `records` (one dict of
+    settings per image), each PNG carries its record as JSON in the text chunk "dalle2" (and its
+    caption as "Description"), and OUT/samples.jsonl gets one line per image, {"file": ..., **record}.
+    Returns the written paths."""
     out = Path(out)
     names = [f"{i:04d}.png" if n_per_text == 1 else f"{i:04d}_{k}.png"
              for i in range(len(captions)) for k in range(n_per_text)]
-    paths = [save_image_atomic(img, out / name) for name, img in zip(names, images)]
+    if records is not None and len(records) != len(names):
+        raise ValueError(f"{len(names)} images but {len(records)} records")
+    texts = ([None] * len(names) if records is None else
+             [{SETTINGS_KEY: json.dumps(r), "Description": str(r.get("caption", ""))} for r in records])
+    paths = [save_image_atomic(img, out / name, text) for name, img, text in zip(names, images, texts)]
+    if records is not None:
+        lines = "".join(json.dumps({"file": name, **r}) + "\n" for name, r in zip(names, records))
+        paths.append(atomic_write_text(out / "samples.jsonl", lines))
     grid_captions = [c for c in captions for _ in range(n_per_text)]
     cols = max(n_per_text, min(8, len(images)))
     paths.append(save_image_atomic(captioned_grid(images, grid_captions, cols=cols), out / "grid.png"))

@@ -10,6 +10,8 @@ optional `inception_features` / `fid_kid` path touches a network.
   kernel, averaged over random subsets; deterministic under `seed`.
 - `mean_pairwise_distance`, `spread`: how much the samples drawn for one caption differ
   (unCLIP, Ramesh et al. 2022, Sec. 5.1 argues the decoder keeps more diversity than GLIDE).
+- `caption_match`: CLIP score and R-precision of images against their captions, the caption-match
+  figure for data the shapes reader cannot read (CIFAR-10, user folders).
 - `memorisation`: nearest training neighbour of each generated sample in CLIP space, and the share
   of near-duplicates; batched so that training sets of 20k+ images fit in memory.
 - `inception_features`, `fid_kid`: the standard FID / KID path, only when torchvision's Inception-v3
@@ -170,6 +172,51 @@ def spread(values) -> float:
     if not stds:
         return float("nan")
     return float(torch.stack(stds).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption match: does the image go with its caption, in the eyes of a CLIP
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def caption_match(image_feats, text_feats, caption_ids, distractors: int = 99, seed: int = 0) -> dict:
+    """How well images match their captions by CLIP similarity, for data no attribute reader reads.
+
+    image_feats: (N, D) embeddings of N images; text_feats: (C, D) embeddings of the C distinct
+    captions; caption_ids: (N,) the index in text_feats of each image's caption. Rows are
+    L2-normalised. Returns
+    - clip_cosine: mean cos(image, its caption);
+    - clip_score: mean 100 * max(cos, 0), CLIPScore as torchmetrics computes it (Hessel et al. 2021
+      without the 2.5 weight), but with the project's own CLIP, so not comparable to OpenAI-CLIP numbers;
+    - r_precision: share of images whose own caption is the most similar among it and
+      min(distractors, C - 1) other distinct captions drawn at random (seeded; R-precision with R = 1,
+      as in AttnGAN, Xu et al. 2018); chance is 1 / (1 + that number);
+    - retrieval_top1: share of images whose own caption is the most similar of all C; chance 1 / C;
+    - n_distractors, n_captions.
+    """
+    img = F.normalize(_as_features(image_feats, "image_feats").double(), dim=-1)
+    txt = F.normalize(_as_features(text_feats, "text_feats").double(), dim=-1)
+    ids = torch.as_tensor(caption_ids, dtype=torch.long).reshape(-1)
+    if ids.numel() != img.shape[0]:
+        raise ValueError(f"{img.shape[0]} images but {ids.numel()} caption ids")
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image features are {img.shape[1]}-dim, text features {txt.shape[1]}-dim")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= txt.shape[0]):
+        raise ValueError(f"caption ids must lie in [0, {txt.shape[0]})")
+    n, c = img.shape[0], txt.shape[0]
+    sims = img @ txt.T  # (N, C)
+    own = sims.gather(1, ids[:, None])[:, 0]  # (N,)
+    k = min(distractors, c - 1)
+    g = torch.Generator().manual_seed(seed)
+    # k distinct other captions per image: a random permutation of the C - 1 others, first k kept
+    others = torch.argsort(torch.rand(n, c - 1, generator=g), dim=1)[:, :k]  # indices into "all but own"
+    others = others + (others >= ids[:, None]).long()  # skip the image's own caption
+    beats = (sims.gather(1, others) >= own[:, None]).any(dim=1) if k else torch.zeros(n, dtype=torch.bool)
+    top1 = (sims.argmax(dim=1) == ids).double().mean() if n else torch.tensor(float("nan"))
+    return {"clip_cosine": float(own.mean()), "clip_score": float((100 * own.clamp(min=0)).mean()),
+            "r_precision": float((~beats).double().mean()), "retrieval_top1": float(top1),
+            "n_distractors": k, "n_captions": c}
 
 
 # ---------------------------------------------------------------------------------------------

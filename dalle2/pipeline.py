@@ -86,12 +86,13 @@ def main(argv=None):
                                                                    "hardware": hardware(pick_device(args.device))})
     print(f"\npipeline finished in {time.perf_counter() - t_all:.0f} s. Results in {out}/:")
     for stage in STAGES:
-        print(f"  {stage + '.pt':<12} {out / f'{stage}.pt'}  (logs: {out / stage}/metrics.jsonl)")
+        print(f"  {stage + '.pt':<12} {out / f'{stage}.pt'}  (logs: {out / stage}/metrics.jsonl, loss.png)")
     print(f"  {'samples':<12} {out / 'samples'}/grid.png")
     if report is not None:
         print(f"  {'report':<12} {out / 'report'}/report.md")
     print(f"  {'pretrained':<12} {out / 'pretrained'}/  (DALLE2.from_pretrained; model card README.md)")
-    print(f"Draw your own: python sample.py \"a large gold pentagon and a small blue circle\" --checkpoints {out}")
+    # a caption of this run's own data (a CIFAR-10 or folder run knows no pentagons)
+    print(f"Draw your own: python sample.py {shlex.quote(captions[0])} --checkpoints {out}")
     return out
 
 

@@ -1,5 +1,5 @@
-"""Writing evaluation results for people: report.json, report.md, a best/worst picture, and the
-sweep's plot (drawn with Pillow, so plots add no dependency)."""
+"""Writing evaluation results for people: report.json, report.md and a best/worst picture (the
+sweep's plot is in plots.py, drawn with Pillow, so plots add no dependency)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .files import atomic_write_text
 from .images import captioned_grid, save_image_atomic, to_pil
@@ -54,6 +54,24 @@ def faithfulness_table(sets: dict) -> list[str]:
     return lines
 
 
+def caption_match_table(report: dict) -> list[str]:
+    """Markdown lines: CLIP score / R-precision per prompt set and for the real test images."""
+    rows = [(name, e["caption_match"], e.get("n_images")) for name, e in report["sets"].items() if e.get("caption_match")]
+    real = (report.get("reference") or {}).get("caption_match")
+    if real:
+        rows.append(("real test images (reference)", real, None))
+    if not rows:
+        return []
+    out = ["## Caption match (the run's own CLIP)", "",
+           "CLIP score: mean 100 * max(cosine, 0) of image and caption. R-precision: share of images whose caption "
+           "beats random other captions (chance 1 / (1 + distractors)). Top-1: their caption is the closest of all.",
+           "", "| prompts | n | CLIP score | R-precision | distractors | top-1 of all captions |", "|---|---|---|---|---|---|"]
+    for name, m, n in rows:
+        out.append(f"| {name} | {_fmt(n)} | {_fmt(m['clip_score'])} | {_fmt(m['r_precision'])} | {m['n_distractors']} | "
+                   f"{_fmt(m['retrieval_top1'])} (of {m['n_captions']}) |")
+    return out + [""]
+
+
 def markdown(report: dict) -> str:
     out = [f"# Evaluation report: `{report['checkpoints']}`", ""]
     s = report.get("sampling", {})
@@ -72,6 +90,7 @@ def markdown(report: dict) -> str:
                 "match per image (exact: everything stated is right and nothing extra is drawn). `heldout`: "
                 "captions naming a zero-shot colour-shape pair never seen in training.", ""]
         out += faithfulness_table(report["sets"]) + [""]
+    out += caption_match_table(report)
     div = report.get("diversity") or {}
     dist, mem, ref = report.get("distance") or {}, report.get("memorisation") or {}, report.get("reference") or {}
     out += ["## Diversity, memorisation, distance", "", "| figure | generated | real data reference |", "|---|---|---|"]
@@ -125,40 +144,3 @@ def write_report(report: dict, out: str | os.PathLike, reader=None) -> Path:
     if grid is not None:
         save_image_atomic(grid, out / "best_worst.png")
     return out
-
-
-def scatter_plot(panels: list[dict], path: str | os.PathLike, size=(460, 360)) -> Path:
-    """Side-by-side scatter panels drawn with Pillow. Each panel: {"title", "xlabel", "ylabel",
-    "points": [(x, y, label)], "highlight": index or None}."""
-    w, h = size
-    img = Image.new("RGB", (w * len(panels), h), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    left, right, top, bottom = 60, 20, 30, 50
-    for p_i, panel in enumerate(panels):
-        ox = p_i * w
-        pts = [(x, y, lab) for x, y, lab in panel["points"] if x == x and y == y]
-        draw.text((ox + left, 8), panel["title"], fill="black", font=font)
-        x0, y0, x1, y1 = ox + left, top, ox + w - right, h - bottom
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text((ox + (w - 6 * len(panel["xlabel"])) // 2, h - 22), panel["xlabel"], fill="black", font=font)
-        draw.text((ox + 4, top - 20), panel["ylabel"], fill="black", font=font)
-        if not pts:
-            continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        xlo, xhi = min(xs), max(xs)
-        ylo, yhi = min(ys), max(ys)
-        xpad, ypad = (xhi - xlo) * 0.1 or 0.5, (yhi - ylo) * 0.1 or 0.05
-        xlo, xhi, ylo, yhi = xlo - xpad, xhi + xpad, ylo - ypad, yhi + ypad
-        sx = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)
-        sy = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)
-        for t in range(5):  # axis ticks
-            xv, yv = xlo + (xhi - xlo) * t / 4, ylo + (yhi - ylo) * t / 4
-            draw.text((sx(xv) - 12, y1 + 4), f"{xv:.3g}", fill="gray", font=font)
-            draw.text((x0 - 44, sy(yv) - 5), f"{yv:.3g}", fill="gray", font=font)
-        for i, (x, y, lab) in enumerate(pts):
-            r = 5 if i == panel.get("highlight") else 3
-            colour = "red" if i == panel.get("highlight") else "navy"
-            draw.ellipse([sx(x) - r, sy(y) - r, sx(x) + r, sy(y) + r], fill=colour)
-            draw.text((sx(x) + 6, sy(y) - 6), lab, fill=colour, font=font)
-    return save_image_atomic(img, path)

@@ -5,8 +5,9 @@ faithfulness against diversity and distance, and recommend a setting.
                            [--limit 200] [--out runs/sweep]
 
 Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. The recommended setting has the highest
-image-level exact match on the test captions (shapes data; ties: lower CLIP Frechet distance); on data
-without an attribute reader it is the lowest CLIP Frechet distance.
+image-level exact match on the test captions (shapes data); on data without an attribute reader
+(CIFAR-10, user folders) the highest R-precision with the run's own CLIP, then CLIP score. Ties: the
+lower CLIP Frechet distance.
 """
 from __future__ import annotations
 
@@ -30,13 +31,31 @@ def exact_match(result: dict):
     return faith["all"]["exact"] if faith else None
 
 
+def caption_match(result: dict) -> dict:
+    return next(iter(result["sets"].values())).get("caption_match") or {}
+
+
 def recommend(results: list[dict]) -> int:
+    """Shapes: the highest exact match. Other data: the highest R-precision, then CLIP score (what the
+    captions say, not only how real the pictures look). Ties: the lower CLIP Frechet distance."""
     def key(i):
         r = results[i]
         em = exact_match(r)
         fd = r.get("distance", {}).get("clip_fd", float("inf"))
-        return (em if em is not None else -1.0, -fd)
+        if em is not None:
+            return (em, 0.0, -fd)
+        cm = caption_match(r)
+        return (cm.get("r_precision", -1.0), cm.get("clip_score", -1.0), -fd)
     return max(range(len(results)), key=key)
+
+
+def guidance_lines(settings: list[dict]) -> list[list[int]]:
+    """Indices of the settings that differ only in decoder guidance, each group in guidance order:
+    the plot joins them, so one line shows what raising the guidance does."""
+    groups: dict = {}
+    for i, st in enumerate(settings):
+        groups.setdefault((st["prior_guidance_scale"], st["steps"]), []).append(i)
+    return [sorted(idx, key=lambda i: settings[i]["guidance_scale"]) for idx in groups.values()]
 
 
 def main(argv=None):
@@ -51,7 +70,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--reader-cache", default=None)
     args = p.parse_args(argv)
-    from dalle2.report import scatter_plot
+    from dalle2.plots import scatter_plot
     device = pick_device(args.device)
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(
@@ -65,7 +84,8 @@ def main(argv=None):
         print(f"[{i}/{len(grid)}] {settings}")
         r = evaluate_settings(model, reader, prompt_sets, settings, real=real, seed=args.seed)
         results.append(r)
-        print(f"    exact match {exact_match(r)}, CLIP FD {r['distance']['clip_fd']:.4f}, "
+        print(f"    exact match {exact_match(r)}, R-precision {caption_match(r).get('r_precision', float('nan')):.3f}, "
+              f"CLIP FD {r['distance']['clip_fd']:.4f}, "
               f"diversity {r['diversity']['clip_pairwise_distance']:.4f}")
     best = recommend(results)
     out = Path(args.out) if args.out else Path(args.checkpoints) / "sweep"
@@ -75,21 +95,25 @@ def main(argv=None):
     em = [exact_match(r) if exact_match(r) is not None else float("nan") for r in results]
     div = [r["diversity"]["clip_pairwise_distance"] for r in results]
     fd = [r["distance"]["clip_fd"] for r in results]
-    y_label = "exact match" if reader is not None else "CLIP FD"
-    ys = em if reader is not None else fd
+    lines = guidance_lines([r["settings"] for r in results])
+    rp = [caption_match(r).get("r_precision", float("nan")) for r in results]
+    y_label = "exact match" if reader is not None else "R-precision (own CLIP)"
+    ys = em if reader is not None else rp
     scatter_plot([
         {"title": f"{y_label} vs diversity", "xlabel": "CLIP pairwise distance (diversity)", "ylabel": y_label,
-         "points": list(zip(div, ys, labels)), "highlight": best},
+         "points": list(zip(div, ys, labels)), "highlight": best, "lines": lines},
         {"title": f"{y_label} vs distance to real", "xlabel": "CLIP Frechet distance", "ylabel": y_label,
-         "points": list(zip(fd, ys, labels)), "highlight": best},
+         "points": list(zip(fd, ys, labels)), "highlight": best, "lines": lines},
     ], out / "sweep.png")
     summary = {"recommended": results[best]["settings"], "results": [
-        {"settings": r["settings"], "exact_match": exact_match(r), "diversity": r["diversity"],
+        {"settings": r["settings"], "exact_match": exact_match(r), "caption_match": caption_match(r) or None,
+         "diversity": r["diversity"],
          "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]} for r in results]}
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
-    lines = ["| setting | exact match | CLIP FD | diversity |", "|---|---|---|---|"]
-    lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {f:.4f} | {d:.4f} |"
-              for i, (lab, e, f, d) in enumerate(zip(labels, em, fd, div))]
+    cs = [caption_match(r).get("clip_score", float("nan")) for r in results]
+    lines = ["| setting | exact match | R-precision | CLIP score | CLIP FD | diversity |", "|---|---|---|---|---|---|"]
+    lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {r_:.3f} | {c:.2f} | {f:.4f} | {d:.4f} |"
+              for i, (lab, e, r_, c, f, d) in enumerate(zip(labels, em, rp, cs, fd, div))]
     atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
     print("\n".join(lines) + f"\nrecommended: {results[best]['settings']} -> {out}/sweep.png")
     return summary

@@ -8,6 +8,7 @@ the model's `loss(**batch)` returns a scalar loss. Run folder layout (`--out DIR
     DIR/<stage>.pt                 final checkpoint (EMA weights when EMA is on)
     DIR/<stage>/config.yml         resolved config
     DIR/<stage>/metrics.jsonl      one JSON object per log step / evaluation
+    DIR/<stage>/loss.png           loss and learning rate against the step (each evaluation, the end)
     DIR/<stage>/checkpoint.pt      resume state (model, EMA, optimizer, step, RNG)
     DIR/<stage>/samples/           pictures written by the stage's callbacks
 """
@@ -51,11 +52,21 @@ class DistInfo:
         return self.rank == 0
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """"auto": a CUDA GPU, else Apple's Metal (mps), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU")
+    if name.startswith("mps") and not _mps_available():
+        raise SystemExit("error: --device mps asked for, but PyTorch sees no Apple Metal (mps) device")
     return torch.device(name)
 
 
@@ -79,11 +90,53 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _cuda_has_bf16(device: torch.device) -> bool:
+    """Native bf16 (Ampere and later); T4s, V100s and RTX 20-series only emulate it, slowly."""
+    try:  # of the current device: the training device (DDP sets it per rank)
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 has no including_emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """What autocast really runs: "bf16" or "fp16" on CUDA, "fp32" elsewhere (and when asked). bf16 on
+    a CUDA GPU without it becomes fp16, which training pairs with a gradient scaler."""
+    if device.type != "cuda" or precision == "fp32":
+        return "fp32"
+    if precision == "bf16" and not _cuda_has_bf16(device):
+        return "fp16"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); fp32 on CPU."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast on CUDA (no loss scaling needed), fp16 where the GPU has no bf16 (see
+    resolve_precision); fp32 on CPU and other devices."""
+    resolved = resolve_precision(device, precision)
+    if resolved == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if resolved == "bf16" else torch.float16)
+
+
+def make_grad_scaler(precision: str, device: torch.device):
+    """A gradient scaler, enabled for fp16 only (bf16 and fp32 need none: its calls then pass through)."""
+    scaler = getattr(torch.amp, "GradScaler", None)
+    if scaler is None:  # torch before 2.3
+        return torch.cuda.amp.GradScaler(enabled=precision == "fp16")
+    return scaler(device.type, enabled=precision == "fp16")
+
+
+def split_batch(batch: dict, parts: int) -> list[tuple[dict, int]]:
+    """A batch dict cut into `parts` micro-batches along dim 0 of its tensors (other values are
+    shared): [(micro_batch, its size), ...]; sizes differ by at most one."""
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if parts == 1 or not tensors:
+        return [(batch, next(iter(tensors.values())).shape[0] if tensors else 1)]
+    chunks = {k: torch.tensor_split(v, parts) for k, v in tensors.items()}
+    out = []
+    for i in range(parts):
+        micro = {**batch, **{k: c[i] for k, c in chunks.items()}}
+        out.append((micro, next(iter(chunks.values()))[i].shape[0]))
+    return [(m, n) for m, n in out if n > 0]
 
 
 def rank0_first(fn: Callable, dist_info: DistInfo):
@@ -222,6 +275,10 @@ class Trainer:
         self.resume_path = self.run_dir / "checkpoint.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.optimizer = make_optimizer(self.model, train_cfg)
+        self.precision = resolve_precision(self.device, train_cfg.precision)
+        self.scaler = make_grad_scaler(self.precision, self.device)
+        if self.precision == "fp16" and train_cfg.precision == "bf16":
+            self.print(f"[{stage}] this GPU has no native bf16: training in fp16 with a gradient scaler")
         self.ema = EMA(self.model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.step = 0
         # The step count the LR schedule runs to: train.steps, or what fits in train.budget_minutes
@@ -232,6 +289,7 @@ class Trainer:
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             objective = DDP(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._ddp = objective if self.dist.world_size > 1 else None
         # compiled on CUDA only: on the CPU compilation costs more than it saves at these sizes
         self.objective = torch.compile(objective) if train_cfg.compile and self.device.type == "cuda" else objective
 
@@ -252,6 +310,7 @@ class Trainer:
             payload.update({
                 "raw_model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),  # fp16 loss scale ({} when not fp16)
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             })
@@ -281,6 +340,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -301,6 +362,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def plot_curves(self) -> None:
+        """DIR/<stage>/loss.png: loss and learning rate so far (at each evaluation and at the end)."""
+        if self.dist.is_main:
+            from .plots import training_curves
+            training_curves(self.metrics_path, self.run_dir / "loss.png", self.stage)
 
     def print(self, text: str) -> None:
         if self.dist.is_main:
@@ -348,17 +415,17 @@ class Trainer:
                 if speed["flops"] is None and self.dist.is_main:
                     # counted once, eagerly, before the step proper; the RNG it draws from is put back, so
                     # the step (and a resumed run) sees exactly the randomness it would have seen
-                    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), autocast(dev, tc.precision):
+                    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), autocast(dev, self.precision):
                         # (under DDP on a copy: a backward through the wrapped module's parameters would
                         # fire DDP's gradient hooks on this rank alone)
                         counted = self.model if self.dist.world_size == 1 else copy.deepcopy(self.model)
                         speed["flops"] = training_flops(counted, batch) * self.dist.world_size
-                with autocast(dev, tc.precision):
-                    loss = self.objective(batch)
-                loss.backward()
+                loss = self._forward_backward(batch)
                 if tc.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16-scaled ones
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # = optimizer.step(), skipped on fp16 overflow
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.model, step)
@@ -409,6 +476,7 @@ class Trainer:
         if self.step < self.total_steps:
             self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {self.total_steps}")
         self.save(final=True)
+        self.plot_curves()
         if evaluate is not None:
             self._run_callback(evaluate, "eval", final=True)
         if sample is not None:
@@ -466,6 +534,24 @@ class Trainer:
         self.log(record)
         self.print(text)
 
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
+        """Loss and gradients of one step's batch, in tc.grad_accum micro-batches: each micro-batch's
+        loss is weighted by its share of the batch and the gradients add up, so for a loss that is a
+        mean over examples the update is the full batch's (CLIP's contrastive loss is not: each
+        micro-batch only sees its own negatives). DDP all-reduces once, on the last micro-batch.
+        Returns the batch's loss, detached."""
+        micro = split_batch(batch, self.tc.grad_accum)
+        total = sum(n for _, n in micro)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (mb, n) in enumerate(micro):
+            sync = self._ddp.no_sync() if self._ddp is not None and i < len(micro) - 1 else nullcontext()
+            with sync:
+                with autocast(self.device, self.precision):
+                    loss = self.objective(mb)
+                self.scaler.scale(loss * (n / total)).backward()
+            loss_sum += loss.detach().float() * (n / total)
+        return loss_sum
+
     def _check_finite(self, bad: torch.Tensor) -> None:
         if bool(bad):
             raise TrainingError(
@@ -485,6 +571,8 @@ class Trainer:
             with torch.no_grad():
                 result = callback(model, self.step)
             model.train(was_training)
+            if what == "eval" and not final:  # the end of fit() draws the final one
+                self.plot_curves()
             if what == "eval" and result:
                 self.log({"step": self.step, "eval": result})
                 if final:

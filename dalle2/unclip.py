@@ -214,21 +214,28 @@ class DALLE2(nn.Module):
     @torch.no_grad()
     def variations(self, image, n: int = 4, *, eta: float = 1.0, seed: int = 0, **kwargs) -> torch.Tensor:
         """n images that keep what CLIP sees in `image` (section 3.1): decode its CLIP embedding with
-        DDIM eta > 0 and no caption. Returns (n, 3, H, W) in [0, 1]."""
-        z = self.encode_image(image)[:1].expand(n, -1)
+        DDIM eta > 0 and no caption. A batch of N images gives N * n rows (image 0's n variations
+        first). Returns (N * n, 3, H, W) in [0, 1]."""
+        z = self.encode_image(image).repeat_interleave(n, dim=0)  # (N * n, E)
         g = torch.Generator(device=self.device).manual_seed(seed)
         return self._decode(z, None, eta=eta, sampler="ddim", generator=g, **kwargs)
 
     @torch.no_grad()
     def interpolate(self, image_a, image_b, steps: int = 5, *, seed: int = 0, **kwargs) -> torch.Tensor:
         """Blend two images (section 3.2): slerp between their CLIP embeddings, decoded from the SAME
-        noise at every step (DDIM, eta 0), so only the embedding changes. Returns (steps, 3, H, W)."""
-        za, zb = self.encode_image(image_a)[:1], self.encode_image(image_b)[:1]
-        theta = torch.linspace(0, 1, steps, device=self.device)[:, None]
-        z = slerp(za, zb, theta)  # (steps, E)
-        g = torch.Generator(device=self.device).manual_seed(seed)
+        noise at every step (DDIM, eta 0), so only the embedding changes. Batches of N images on each
+        side blend pair i with its own noise (seeded with seed + i, so pair i is what the single call
+        with that seed gives). Returns (N * steps, 3, H, W), pair 0's frames first."""
+        za, zb = self.encode_image(image_a), self.encode_image(image_b)  # (N, E) each
+        if za.shape[0] != zb.shape[0]:
+            raise ValueError(f"interpolate: {za.shape[0]} images on one side and {zb.shape[0]} on the other; "
+                             f"give the same number on both sides (pairs)")
+        n = za.shape[0]
+        theta = torch.linspace(0, 1, steps, device=self.device)[None, :, None]  # (1, steps, 1)
+        z = slerp(za[:, None], zb[:, None], theta).reshape(n * steps, -1)  # (N * steps, E)
         s = self.image_size
-        noise = torch.randn((1, 3, s, s), generator=g, device=self.device).expand(steps, -1, -1, -1)
+        noise = torch.cat([torch.randn((1, 3, s, s), generator=torch.Generator(device=self.device).manual_seed(seed + i),
+                                       device=self.device).expand(steps, -1, -1, -1) for i in range(n)])
         return self._decode(z, None, sampler="ddim", eta=0.0, noise=noise.contiguous(), **kwargs)
 
     @torch.no_grad()
@@ -236,15 +243,17 @@ class DALLE2(nn.Module):
                   **kwargs) -> torch.Tensor:
         """Edit an image towards a text change (section 3.3): z_d = normalize(z_t(to) - z_t(from)), then
         decode slerp(z_i, z_d, amount) from the image's own DDIM-inverted noise (so amount 0 reconstructs
-        the image). Returns (len(amounts), 3, H, W) in [0, 1]."""
-        x = self._image_input(image)[:1]
-        z_i = self.clip.encode_image(x).float()
+        the image). A batch of N images is edited image by image in one pass. Returns
+        (N * len(amounts), 3, H, W) in [0, 1], image 0's edits first."""
+        x = self._image_input(image)  # (N, 3, H, W)
+        n, a = x.shape[0], len(amounts)
+        z_i = self.clip.encode_image(x).float()  # (N, E)
         t = self.clip.encode_text([from_text, to_text]).float()
-        z_d = F.normalize(t[1] - t[0], dim=-1)[None]
-        theta = torch.tensor(list(amounts), device=self.device, dtype=torch.float32)[:, None]
-        z = slerp(z_i.expand(len(amounts), -1), z_d.expand(len(amounts), -1), theta)
+        z_d = F.normalize(t[1] - t[0], dim=-1)  # (E,)
+        theta = torch.tensor(list(amounts), device=self.device, dtype=torch.float32)[None, :, None]  # (1, A, 1)
+        z = slerp(z_i[:, None], z_d.expand(n, 1, -1), theta).reshape(n * a, -1)  # (N * A, E)
         steps = self._opt(kwargs.pop("steps", None), "steps")
         noise = self.decoder.diffusion.ddim_invert(self.decoder.unet, x, steps=steps,
-                                                   model_kwargs={"image_emb": z_i, "tokens": None})
-        return self._decode(z, None, sampler="ddim", eta=0.0, steps=steps,
-                            noise=noise.expand(len(amounts), -1, -1, -1).contiguous(), **kwargs)
+                                                   model_kwargs={"image_emb": z_i, "tokens": None})  # (N, 3, H, W)
+        noise = noise[:, None].expand(-1, a, -1, -1, -1).reshape(n * a, *noise.shape[1:])
+        return self._decode(z, None, sampler="ddim", eta=0.0, steps=steps, noise=noise.contiguous(), **kwargs)

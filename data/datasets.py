@@ -9,7 +9,8 @@ datasets (the anti-pattern this replaces is per-sample decoding in `Dataset.__ge
 Sources (`load_dataset(cfg, split)` dispatches on `cfg.dataset`):
 - "shapes": the synthetic dataset of shared/SHAPES_SPEC.md, generated on first use if missing.
 - "cifar10": the python-format CIFAR-10 folder, captions from templates (data/cifar.py).
-- "folder": your own images plus a captions file (CSV or JSONL).
+- "folder": your own images plus a captions file (CSV or JSONL), a Hugging Face ImageFolder
+  metadata.jsonl, or a caption .txt beside each image.
 Decoded, resized images are cached as .npy next to the data; a stale cache is rebuilt.
 
 Batches for training come from `StepBatches`, a pure function of the step: resuming at step s
@@ -454,6 +455,81 @@ def folder_split(rows: list, captions_path: Path, seed: int) -> dict:
     return images
 
 
+# The conventions people bring besides a captions file: Hugging Face's ImageFolder (a metadata.jsonl
+# with "file_name" and "text", in the root or in train/ and test/) and a caption .txt beside each image.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_hf_metadata(path: Path, prefix: str = "", split: str | None = None) -> list:
+    """Rows [(line number, image, caption, split)] of a Hugging Face ImageFolder metadata.jsonl:
+    "file_name" relative to the file's folder (written here relative to root via `prefix`) and the
+    caption in "text" (or "caption"). A list of captions gives alternative captions."""
+    rows = []
+    for lineno, rec in jsonl_objects(path):
+        name, text = rec.get("file_name"), rec.get("text", rec.get("caption"))
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{path}, line {lineno}: missing \"file_name\" (Hugging Face ImageFolder format)")
+        texts = text if isinstance(text, list) else [text]
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise DatasetError(f"{path}, line {lineno}: expected a non-empty \"text\" caption for {name}")
+            rows.append((lineno, prefix + name.strip(), t, split))
+    if not rows:
+        raise DatasetError(f"{path}, line 1: the metadata file has no rows")
+    return rows
+
+
+def read_caption_txt_files(root: Path) -> list:
+    """Rows for images with a caption file beside them (photo.png + photo.txt; each non-empty line
+    is an alternative caption). Images under root/train/ and root/test/ take that split; images
+    without a .txt are left out."""
+    rows, uncaptioned = [], 0
+    for img in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        rel = img.relative_to(root)
+        if rel.parts[0].startswith("."):  # .cache/ and other hidden folders
+            continue
+        txt = img.with_suffix(".txt")
+        if not txt.is_file():
+            uncaptioned += 1
+            continue
+        try:
+            lines = [l.strip() for l in txt.read_text(encoding="utf-8-sig").splitlines() if l.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"cannot read caption file {txt}: {e}") from e
+        if not lines:
+            raise DatasetError(f"{txt}, line 1: the caption file is empty")
+        split = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in SPLITS else None
+        rows += [(i, rel.as_posix(), line, split) for i, line in enumerate(lines, 1)]
+    if rows and uncaptioned:
+        print(f"note: {root}: {uncaptioned} images have no caption .txt beside them and are left out")
+    if rows and any(r[3] is None for r in rows) and any(r[3] is not None for r in rows):
+        raise DatasetError(f"{root}: some captioned images are in train/ or test/ and some are not; "
+                           f"put all of them in the two folders, or none")
+    return rows
+
+
+def folder_rows(root: Path, captions_file: str) -> tuple[list, Path]:
+    """The caption rows of a folder dataset and the file they came from (for messages): the captions
+    file (CSV/JSONL) when it exists, else a Hugging Face metadata.jsonl (root/, or root/train/ and
+    root/test/), else caption .txt files beside the images."""
+    cap_path = root / captions_file
+    if cap_path.is_file():
+        if cap_path.name == "metadata.jsonl":
+            return read_hf_metadata(cap_path), cap_path
+        return read_captions_file(cap_path), cap_path
+    if (root / "metadata.jsonl").is_file():
+        return read_hf_metadata(root / "metadata.jsonl"), root / "metadata.jsonl"
+    split_files = [(sp, root / sp / "metadata.jsonl") for sp in SPLITS if (root / sp / "metadata.jsonl").is_file()]
+    if split_files:
+        return [r for sp, f in split_files for r in read_hf_metadata(f, f"{sp}/", sp)], split_files[0][1]
+    rows = read_caption_txt_files(root) if root.is_dir() else []
+    if rows:
+        return rows, root
+    raise DatasetError(f"captions file not found: {cap_path} (set data.captions_file, a CSV with columns "
+                       f"image,caption or a JSONL with keys image,caption; or give the folder a Hugging Face "
+                       f"metadata.jsonl with file_name,text, or a caption .txt beside each image)")
+
+
 def load_folder(root, split: str, image_size: int = 32, captions_file: str = "captions.jsonl",
                 seed: int = 0, progress: bool = True) -> CaptionedImages:
     """Load a folder of images (any Pillow-readable format and size) with a captions file.
@@ -461,8 +537,8 @@ def load_folder(root, split: str, image_size: int = 32, captions_file: str = "ca
     Several rows for the same image become its caption variants. Image paths are relative to root.
     """
     root = Path(root)
-    cap_path = root / captions_file
-    images = folder_split(read_captions_file(cap_path), cap_path, seed)
+    rows, cap_path = folder_rows(root, captions_file)
+    images = folder_split(rows, cap_path, seed)
     chosen = [(img, caps) for img, (s, caps) in images.items() if s == split]
     if not chosen:
         raise DatasetError(f"{cap_path}: no images in the {split} split")

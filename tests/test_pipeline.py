@@ -1,12 +1,15 @@
 """The one-command pipeline end to end on an even smaller tiny run, then the guidance sweep on it."""
 import json
+import shlex
 
 import torch
 
 from conftest import tiny_overrides
 from dalle2 import DALLE2
+from dalle2.config import load_config
 from dalle2.pipeline import main as pipeline
 from dalle2.sweep import main as sweep
+from data.datasets import load_dataset
 
 
 def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
@@ -24,10 +27,16 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
     assert report["reader_accuracy"]["all"]["colour"] > 0.97  # the reader's ceiling is reported
     assert {"clip_fd", "clip_kid"} <= set(report["distance"]) and "near_duplicate_rate" in report["memorisation"]
     assert "rephrased" in report["sets"] and "partial" in report["sets"]
+    match = report["sets"]["test"]["caption_match"]
+    assert 0.0 <= match["r_precision"] <= 1.0 and report["reference"]["caption_match"]["n_captions"] >= 1
+    assert all((out / stage / "loss.png").is_file() for stage in ("clip", "prior", "decoder"))
+    # the closing hint draws a caption of the run's own data
+    cfg = load_config(preset="tiny", overrides=tiny_overrides(tmp_path / "shapes")[1::2])
+    test = load_dataset(cfg.data, "test", generate_missing=False)
+    assert f"python sample.py {shlex.quote(test.caption_of(0))} --checkpoints" in capsys.readouterr().out
     card = (out / "pretrained" / "README.md").read_text()  # the run exported itself, its card from the report
     assert "| test | all | 8 |" in card and "--eval-n 8" in card and "trained on: CPU" in card
     assert torch.equal(DALLE2.from_pretrained(out / "pretrained").clip.logit_scale, DALLE2.from_run(out).clip.logit_scale)
-    capsys.readouterr()
 
     pipeline(argv + ["--skip-eval"])  # everything trained: every stage is skipped
     text = capsys.readouterr().out

@@ -74,7 +74,8 @@ def test_sample_py_writes_the_specified_files(tiny_run, tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png", "0002_0.png", "0002_1.png", "grid.png"]
+    assert names == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png", "0002_0.png", "0002_1.png", "grid.png",
+                     "samples.jsonl"]
     first = (out / "0001_0.png").read_bytes()
     r = subprocess.run(cmd[:-8] + ["--out", str(tmp_path / "again"), "--seed", "3", "--steps", "4", "--prior-steps", "4"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -82,7 +83,41 @@ def test_sample_py_writes_the_specified_files(tiny_run, tmp_path):
     single = tmp_path / "single"
     subprocess.run([sys.executable, "sample.py", "a red circle", "--checkpoints", str(tiny_run[0]), "--out", str(single),
                     "--steps", "2", "--prior-steps", "2"], cwd=REPO, check=True, capture_output=True, timeout=300)
-    assert sorted(p.name for p in single.iterdir()) == ["0000.png", "grid.png"]
+    assert sorted(p.name for p in single.iterdir()) == ["0000.png", "grid.png", "samples.jsonl"]
+
+
+def test_sample_py_pngs_carry_their_settings(tiny_run, tmp_path):
+    """Each PNG's "dalle2" text chunk and its samples.jsonl line hold the caption, the seed, the resolved
+    settings and the weights' hashes; calling generate with them gives the same pixels back."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "sample.py", "a red circle", "a small navy square", "--n", "2",
+                        "--checkpoints", str(tiny_run[0]), "--out", str(out), "--seed", "7", "--steps", "3",
+                        "--prior-steps", "2", "--guidance-scale", "2.5"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [l["file"] for l in lines] == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png"]
+    model = DALLE2.from_run(tiny_run[0])
+    hashes = {"clip": model.clip.checkpoint_hash, "prior": model.prior.checkpoint_hash,
+              "decoder": model.decoder.checkpoint_hash}
+    for i, line in enumerate(lines):
+        with Image.open(out / line["file"]) as im:
+            meta = json.loads(im.text["dalle2"])
+            assert im.text["Description"] == meta["caption"]
+        assert {**meta, "file": line["file"]} == line
+        assert meta["caption"] == ["a red circle", "a small navy square"][i // 2] and meta["index"] == i
+        assert (meta["seed"], meta["guidance_scale"], meta["steps"], meta["prior_steps"]) == (7, 2.5, 3, 2)
+        assert meta["sampler"] == model.sampling.sampler and meta["weights"] == hashes
+    m = lines[3]
+    remade = model.generate([lines[0]["caption"], m["caption"]], n_per_text=m["n_per_text"], seed=m["seed"],
+                            guidance_scale=m["guidance_scale"], steps=m["steps"], prior_steps=m["prior_steps"],
+                            sampler=m["sampler"], batch_size=m["batch_size"])[m["index"]]
+    with Image.open(out / m["file"]) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(model.to_pil(remade[None])[0]))
 
 
 def test_sample_py_errors_are_one_line(tiny_run, tmp_path):
