@@ -337,10 +337,18 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         if not generate_missing:
             raise DatasetError(f"shapes dataset not found: {meta} does not exist (generate it with "
                                f"`python data/shapes.py --out {root}`)")
+        from dalle2.files import LockError
+        from .shapes import NotOurFolder, check_output_folder, generate  # lazy: only needed on first use
+        try:
+            check_output_folder(root)
+        except NotOurFolder as e:
+            raise DatasetError(f"shapes dataset not found: {meta} does not exist, and {e}") from None
         print(f"shapes dataset not found at {root}: generating it ({n_train} train / {n_test} test, "
               f"variant {variant}, seed {seed})")
-        from .shapes import generate  # lazy: only needed on first use
-        generate(root, variant=variant, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
+        try:
+            generate(root, variant=variant, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
+        except (NotOurFolder, LockError) as e:
+            raise DatasetError(str(e)) from None
         if not meta.exists():
             raise DatasetError(f"generating the shapes dataset did not create {meta}")
 

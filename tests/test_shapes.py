@@ -251,7 +251,8 @@ def read_split(root, split):
 
 
 def test_generate_layout_and_metadata(small_dataset):
-    assert sorted(p.name for p in small_dataset.iterdir()) == ["test", "train"]  # no temp folders left
+    # no temp folders or lock left; the marker says the generator owns this folder
+    assert sorted(p.name for p in small_dataset.iterdir()) == [".shapes-dataset", "test", "train"]
     for split, n in (("train", 150), ("test", 50)):
         records = read_split(small_dataset, split)
         assert len(records) == n
