@@ -15,8 +15,9 @@ def known_errors() -> tuple:
     from data.datasets import DatasetError
 
     from .checkpoint import CheckpointError
+    from .files import LockError
     from .training import TrainingError
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, FileNotFoundError, PermissionError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, FileNotFoundError, PermissionError)
 
 
 def main_wrapper(main: Callable[[list[str] | None], object]):
@@ -25,9 +26,10 @@ def main_wrapper(main: Callable[[list[str] | None], object]):
     def run(argv=None):
         try:
             return main(argv)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130)
+        except KeyboardInterrupt as e:
+            terminated = type(e).__name__ == "Terminated"  # SIGTERM, see training.sigterm_as_interrupt
+            print("terminated" if terminated else "interrupted", file=sys.stderr)
+            raise SystemExit(143 if terminated else 130)
         except known_errors() as e:
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
             print(f"error: {msg}", file=sys.stderr)
@@ -42,6 +44,8 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="run folder shared by all stages (default: runs/); "
                    f"writes OUT/{stage}.pt and OUT/{stage}/")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{stage}/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help=f"delete an earlier {stage} run in OUT "
+                   f"({stage}.pt, {stage}/checkpoint.pt, its metrics) and train from scratch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",

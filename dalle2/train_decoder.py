@@ -62,7 +62,7 @@ def main(argv=None):
             grid = captioned_grid(real + fake, ["(real) " + c for c in grid_caps] + grid_caps, cols=n)
             save_image_atomic(grid, samples_dir / f"step_{step:07d}.png")
 
-        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit, sample=sample)
+        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit, sample=sample)
     finally:
         cleanup_distributed()
 

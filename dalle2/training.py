@@ -14,11 +14,14 @@ the model's `loss(**batch)` returns a scalar loss. Run folder layout (`--out DIR
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +33,7 @@ from tqdm import tqdm
 
 from .checkpoint import FORMAT, atomic_torch_save, load_checkpoint
 from .config import Config, TrainConfig, save_config
+from .files import FolderLock, clean_orphans
 from .report import format_table
 
 
@@ -166,6 +170,53 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2 ** 63)
 
 
+# --- guarding a run folder ---------------------------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted or killed job), handled exactly like Ctrl-C: save, then exit."""
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM raises Terminated (a KeyboardInterrupt), so the Ctrl-C path saves."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def guarded(fit):
+    """Wraps Trainer.fit with what must hold around any training run, on rank 0:
+
+    - a lock on OUT/<stage>/ (holder's pid inside; a dead holder's lock is taken over), so a second
+      run into the same folder is refused with a message naming the folder and the pid;
+    - temporary files left by killed atomic writes are deleted;
+    - without `resume`, a folder that already holds this stage (final model or resume checkpoint)
+      is refused: say --resume, or `overwrite=True` (--overwrite) to delete them and start a fresh log;
+    - SIGTERM is treated like Ctrl-C (save, then exit)."""
+    @functools.wraps(fit)
+    def run(self, *args, overwrite: bool = False, **kwargs):
+        lock = FolderLock(self.run_dir, f"the {self.stage} training") if self.dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            if lock is not None:
+                self._prepare_run_folder(bool(kwargs.get("resume")), overwrite)
+            with sigterm_as_interrupt():
+                return fit(self, *args, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+    return run
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 class Trainer:
@@ -261,7 +312,24 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(text)
 
+    # -- the run folder (see guarded) --
+    def _prepare_run_folder(self, resume: bool, overwrite: bool) -> None:
+        for folder in (self.out, self.run_dir, self.run_dir / "samples", self.out / "cache"):
+            clean_orphans(folder)
+        held = [p for p in (self.final_path, self.resume_path) if p.exists()]
+        if held and not resume and not overwrite:
+            raise TrainingError(
+                f"{self.out} already holds a {self.stage} run ({', '.join(map(str, held))}): continue it with "
+                f"--resume, or start again with --overwrite (deletes them); or choose another --out")
+        if held and resume and not overwrite and not self.resume_path.exists():
+            raise TrainingError(f"{self.final_path} exists but {self.resume_path} (the resume checkpoint) does not: "
+                                f"nothing to continue; use --overwrite to train again, or another --out")
+        if overwrite or not self.resume_path.exists():  # starting from step 0: a fresh log
+            for p in (*held, self.metrics_path):
+                p.unlink(missing_ok=True)
+
     # -- the loop --
+    @guarded
     def fit(self, get_batch: Callable[[int], dict], *, resume: bool = False,
             evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
             sample: Optional[Callable[[nn.Module, int], None]] = None,

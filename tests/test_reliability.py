@@ -60,3 +60,108 @@ def test_shapes_cli_refuses_a_nonempty_foreign_out(tmp_path):
     lines = faults.error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1 and "did not write" in lines[0], r.stderr
     assert {p: p.read_bytes() for p in files} == files
+
+
+# --- 2. re-running a stage never destroys the finished model ----------------------------------
+
+def test_rerun_without_resume_is_refused_and_overwrite_starts_a_fresh_log(tmp_path):
+    from dalle2.training import TrainingError
+    from test_training import get_batch, losses, make_trainer
+    make_trainer(tmp_path, steps=4).fit(get_batch)
+    before = (tmp_path / "clip.pt").read_bytes(), (tmp_path / "clip" / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainingError, match=r"already holds a clip run.*--resume.*--overwrite"):
+        make_trainer(tmp_path, steps=4).fit(get_batch)
+    assert ((tmp_path / "clip.pt").read_bytes(), (tmp_path / "clip" / "checkpoint.pt").read_bytes()) == before
+    make_trainer(tmp_path, steps=3).fit(get_batch, overwrite=True)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # one run's log, not the old one with the new one appended
+
+
+def test_training_cli_refuses_a_rerun_in_one_line(tiny_run):
+    run, argv = tiny_run
+    before = (run / "clip.pt").read_bytes()
+    r = faults.run_py(["clip/train.py", *argv], timeout=300)
+    lines = faults.error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], r.stderr
+    assert (run / "clip.pt").read_bytes() == before
+
+
+# --- 5. locks on run folders and on dataset generation ----------------------------------------
+
+HOLD_LOCK = "import sys, time; from dalle2.files import FolderLock; FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+
+
+def test_second_training_into_one_folder_is_refused_and_stale_locks_are_taken_over(tmp_path):
+    from dalle2.files import LockError
+    from test_training import get_batch, make_trainer
+    holder = faults.start_py(["-c", HOLD_LOCK, tmp_path / "clip"])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockError, match=rf"{tmp_path / 'clip'} is in use.*process {holder.pid}"):
+            make_trainer(tmp_path, steps=2).fit(get_batch)
+        assert not (tmp_path / "clip.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock is stale and is taken over, then released at the end
+    assert (tmp_path / "clip" / ".lock").read_text().split()[0] == str(holder.pid)
+    make_trainer(tmp_path, steps=2).fit(get_batch)
+    assert (tmp_path / "clip.pt").is_file() and not (tmp_path / "clip" / ".lock").exists()
+
+
+def test_generating_one_shapes_root_twice_at_once_is_refused(tmp_path):
+    root = tmp_path / "gen"
+    root.mkdir()
+    (root / ".shapes-dataset").write_text("x")  # a folder the generator is writing right now
+    holder = faults.start_py(["-c", HOLD_LOCK, root])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DatasetError, match=rf"{root} is in use: shapes generation is locked by process {holder.pid}"):
+            load_dataset(data_cfg(root), "train", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(load_dataset(data_cfg(root), "train", progress=False)) == 4
+
+
+# --- 10. SIGTERM, orphan temporary files ------------------------------------------------------
+
+SLOW_TRAINING = """
+import sys, time
+sys.path.insert(0, 'tests')
+from test_training import get_batch, make_trainer
+from dalle2.cli import main_wrapper
+out, flag = sys.argv[1], sys.argv[2]
+def slow(step):
+    if step == 3:
+        open(flag, 'w').close()
+    time.sleep(0.05)
+    return get_batch(step)
+main_wrapper(lambda argv: make_trainer(out, steps=100000).fit(slow))([])
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_saves_like_ctrl_c(tmp_path):
+    from dalle2.checkpoint import load_checkpoint
+    flag = tmp_path / "started"
+    proc = faults.start_py(["-c", SLOW_TRAINING, tmp_path / "run", flag])
+    faults.wait_for(flag.exists, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err, err[-2000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "clip" / "checkpoint.pt")
+    assert ckpt["step"] >= 3  # saved where it stopped, not at the last save_every
+    assert not (tmp_path / "run" / "clip" / ".lock").exists()
+
+
+def test_orphan_temporary_files_of_killed_writes_are_removed_at_start(tmp_path):
+    from test_training import get_batch, make_trainer
+    dead, live = faults.dead_pid(), os.getpid()
+    (tmp_path / "clip").mkdir(parents=True)
+    orphans = [tmp_path / f".clip.pt.tmp-{dead}", tmp_path / "clip" / f".checkpoint.pt.tmp-{dead}"]
+    kept = tmp_path / f".prior.pt.tmp-{live}"  # a live process's write in progress
+    for p in (*orphans, kept):
+        p.write_bytes(b"x" * 1000)
+    make_trainer(tmp_path, steps=2).fit(get_batch)
+    assert not any(p.exists() for p in orphans) and kept.exists()
