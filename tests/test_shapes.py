@@ -305,10 +305,10 @@ def test_generate_replaces_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         generate(root, variant="objects", n_train=20, n_test=10, seed=1, progress=False)
     assert tree_hashes(root) == before  # the old splits are untouched, no half-written one
-    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in root.iterdir()) == [".shapes-dataset", "test", "train"]
     monkeypatch.setattr(shapes, "render", real_render)
     generate(root, variant="objects", n_train=8, n_test=6, seed=1, progress=False)
-    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in root.iterdir()) == [".shapes-dataset", "test", "train"]
     assert len(list((root / "train").glob("*.png"))) == 8  # the old 20 were replaced, not merged
 
 
