@@ -370,6 +370,30 @@ def config_from_dict(data: dict, source: str) -> Config:
     return _build(Config, data, "", source)
 
 
+# Where the data lives, as opposed to what it is (image size, variant): these come from the user's own
+# config (--config / --preset / --set), never from a checkpoint, which is a downloaded file like any other.
+DATA_LOCATION_KEYS = ("dataset", "root", "captions_file", "download")
+
+
+def data_config_for_checkpoint(saved: Config, args: Optional[argparse.Namespace] = None) -> DataConfig:
+    """The data to evaluate a checkpoint on: its saved data config (with --set applied) for what the
+    data is, and the user's config for where it is: DATA_LOCATION_KEYS from --config (default:
+    model_config.yml) at --preset (default: the checkpoint's preset name when that file has it,
+    else the default preset) with --set. A checkpoint naming another dataset or folder is ignored."""
+    path, preset = getattr(args, "config", None), getattr(args, "preset", None)
+    overrides = list(getattr(args, "overrides", None) or [])
+    if preset is None:
+        try:
+            raw = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text(encoding="utf-8")) or {}
+            known = set((raw.get("presets") or {}) if isinstance(raw, dict) else {})
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            known = set()  # load_config below names the problem
+        preset = saved.preset if saved.preset in known else None
+    user = load_config(path, preset, overrides).data
+    saved_data = apply_overrides(saved, overrides, "checkpoint config").data
+    return dataclasses.replace(saved_data, **{k: getattr(user, k) for k in DATA_LOCATION_KEYS})
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """--config, --preset and --set on every entry point."""
     g = parser.add_argument_group("config")

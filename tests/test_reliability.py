@@ -165,3 +165,55 @@ def test_orphan_temporary_files_of_killed_writes_are_removed_at_start(tmp_path):
         p.write_bytes(b"x" * 1000)
     make_trainer(tmp_path, steps=2).fit(get_batch)
     assert not any(p.exists() for p in orphans) and kept.exists()
+
+
+# --- 3. nothing a user loads runs code; data locations come from the user ----------------------
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("victim", ["batches.meta", "test_batch"])
+def test_cifar_reader_refuses_a_planted_pickle(tmp_path, victim, monkeypatch):
+    from test_datasets import write_fake_cifar
+    write_fake_cifar(tmp_path / "cifar", per_batch=2, n_test=3)
+    path = tmp_path / "cifar" / "cifar-10-batches-py" / victim
+    with open(path, "wb") as f:
+        pickle.dump({b"label_names": [b"cat"], b"data": Planted(), b"labels": [0]}, f, protocol=2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=rf"{victim} is not a plain CIFAR batch: it refers to (posix|os)\.system"):
+        load_dataset(data_cfg(tmp_path / "cifar", dataset="cifar10", image_size=32), "test", progress=False)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_cifar_reader_still_reads_numpy_pickled_with_any_protocol(tmp_path):
+    from data.cifar import read_cifar10
+    from test_datasets import write_fake_cifar
+    written = write_fake_cifar(tmp_path / "cifar", per_batch=2, n_test=3)
+    data, labels = written["test_batch"]
+    with open(tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": np.asarray(labels), b"batch_label": "test"}, f, protocol=5)
+    images, got, names = read_cifar10(tmp_path / "cifar", "test")
+    assert np.array_equal(images.reshape(3, -1), data) and got.tolist() == labels and len(names) == 10
+
+
+def test_evaluation_takes_the_data_location_from_the_user_never_the_checkpoint(tiny_run, tmp_path, monkeypatch):
+    from clip.evaluate import main as eval_clip
+    from dalle2.checkpoint import atomic_torch_save, load_checkpoint
+    from test_datasets import write_fake_cifar
+    run, argv = tiny_run
+    root = argv[argv.index("--set") + 1].split("=", 1)[1]
+    # a checkpoint whose saved config points at a planted "CIFAR" folder
+    write_fake_cifar(tmp_path / "trap", per_batch=2, n_test=3)
+    with open(tmp_path / "trap" / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump(Planted(), f, protocol=2)
+    ckpt = load_checkpoint(run / "clip.pt")
+    ckpt["config"]["data"].update(dataset="cifar10", root=str(tmp_path / "trap"))
+    atomic_torch_save(ckpt, tmp_path / "clip.pt")
+    monkeypatch.chdir(tmp_path)
+    # without --set the location is the user's own config (the tiny preset's data/shapes_tiny here)
+    with pytest.raises(DatasetError, match="shapes_tiny"):
+        eval_clip(["--checkpoint", str(tmp_path / "clip.pt")])
+    result = eval_clip(["--checkpoint", str(tmp_path / "clip.pt"), "--set", f"data.root={root}"])
+    assert result["n_images"] == 16 and not (tmp_path / "PWNED").exists()
