@@ -17,7 +17,8 @@ def known_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .files import LockError
     from .training import TrainingError
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, FileNotFoundError, PermissionError)
+    # OSError: a missing or unreadable file, a full disk, a read-only folder: the message names the file
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, OSError)
 
 
 def main_wrapper(main: Callable[[list[str] | None], object]):

@@ -7,6 +7,7 @@ one, and a failed write leaves nothing behind.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -24,10 +25,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save may wrap the OSError of a full disk
+        raise _write_error(e, path) from e
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+FULL = {getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT") if hasattr(errno, n)}
+
+
+def _write_error(e: BaseException, path: Path) -> BaseException:
+    """An OSError that names `path` (a write through a file object has no filename of its own)."""
+    cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+    if not isinstance(cause, OSError):
+        return e
+    if cause.filename and Path(cause.filename).name != f".{path.name}.tmp-{os.getpid()}":
+        return cause  # about another file (e.g. a folder that cannot be created): keep it
+    why = cause.strerror or str(cause)
+    if cause.errno in FULL:
+        why += ": the disk is full or the file is over a size limit; nothing was replaced"
+    return type(cause)(cause.errno, f"cannot write ({why})", str(path))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

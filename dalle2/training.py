@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .checkpoint import FORMAT, atomic_torch_save, load_checkpoint
 from .config import Config, TrainConfig, save_config
-from .files import FolderLock, clean_orphans
+from .files import FolderLock, atomic_write_text, clean_orphans
 from .report import format_table
 
 
@@ -170,6 +170,25 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2 ** 63)
 
 
+def trim_metrics(path: Path, step: int, say: Callable[[str], None] = print) -> None:
+    """Keep the metrics.jsonl lines up to `step` (a resumed run logs the rest again). A line that is
+    not JSON (torn by a crash or a full disk) is dropped with a note; the rewrite is atomic."""
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if torn:
+        say(f"note: {path}: dropped {torn} unreadable line(s) (a write cut short)")
+    atomic_write_text(path, "".join(l + "\n" for l in kept))
+
+
 # --- guarding a run folder ---------------------------------------------------------------------
 
 class Terminated(KeyboardInterrupt):
@@ -295,9 +314,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.extra = {**(ckpt.get("extra") or {}), **self.extra}
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the saved step
-            lines = [l for l in self.metrics_path.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if json.loads(l).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(l + "\n" for l in kept))
+            trim_metrics(self.metrics_path, self.step, self.print)
         return True
 
     # -- logging --

@@ -217,3 +217,45 @@ def test_evaluation_takes_the_data_location_from_the_user_never_the_checkpoint(t
         eval_clip(["--checkpoint", str(tmp_path / "clip.pt")])
     result = eval_clip(["--checkpoint", str(tmp_path / "clip.pt"), "--set", f"data.root={root}"])
     assert result["n_images"] == 16 and not (tmp_path / "PWNED").exists()
+
+
+# --- 4. a torn metrics.jsonl line never blocks --resume ----------------------------------------
+
+def test_resume_survives_a_torn_last_metrics_line(tmp_path):
+    from test_training import get_batch, losses, make_trainer
+
+    def interrupting(step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return get_batch(step)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path, steps=8).fit(interrupting)
+    with open(tmp_path / "clip" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 0.12')  # the disk filled up in the middle of a line
+    make_trainer(tmp_path, steps=8).fit(get_batch, resume=True)
+    lines = (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(l) for l in lines) and sorted(losses(tmp_path)) == list(range(1, 9))
+
+
+RESUME_TOY = """
+import sys
+sys.path.insert(0, 'tests')
+from test_training import get_batch, make_trainer
+from dalle2.cli import main_wrapper
+main_wrapper(lambda argv: make_trainer(sys.argv[1], steps=int(sys.argv[2])).fit(get_batch, resume=True))([])
+"""
+
+
+def test_the_resume_rewrite_of_metrics_is_atomic_on_a_full_disk(tmp_path):
+    from test_training import get_batch, make_trainer
+    make_trainer(tmp_path, steps=4).fit(get_batch)
+    metrics = tmp_path / "clip" / "metrics.jsonl"
+    padding = "".join(json.dumps({"step": 1, "note": "x" * 200}) + "\n" for _ in range(600))  # ~130 kB
+    metrics.write_text(padding + metrics.read_text())
+    before = metrics.read_bytes()
+    r = faults.run_py(["-c", RESUME_TOY, tmp_path, 6], file_size_limit=64_000)  # writes past 64 kB fail
+    lines = faults.error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"error: {metrics}: cannot write") and "disk is full" in lines[0], lines[0]
+    assert metrics.read_bytes() == before  # nothing already written is lost
+    assert not list((tmp_path / "clip").glob(".*.tmp-*"))
