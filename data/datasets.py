@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -283,6 +284,25 @@ def cached_images(cache_file: Path, key: dict, shape: tuple, build: Callable[[],
     return arr
 
 
+def inside_folder(root: Path, name: str, listed_in: Path) -> Path:
+    """`root / name` if it is a regular file inside `root` once symlinks are resolved, else a
+    DatasetError. Absolute paths, `..` and symlinks out of the folder are refused before anything
+    outside is looked at (so the message never tells whether some other file exists); FIFOs,
+    devices and folders are refused without being opened (reading a FIFO would hang)."""
+    base = root.resolve()
+    path = (base / name).resolve()
+    if os.path.isabs(name) or path != base and base not in path.parents:
+        raise DatasetError(f"{listed_in} lists {name!r}, which is outside the dataset folder {root}: image "
+                           f"paths must be relative and stay inside it (symlinks out of it are refused)")
+    try:
+        st = path.stat()
+    except OSError:
+        raise DatasetError(f"image file not found: {root / name} (listed in {listed_in})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DatasetError(f"{root / name} (listed in {listed_in}) is not a regular file")
+    return path
+
+
 def file_stamp(path: Path) -> dict:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -357,10 +377,10 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         raise DatasetError(f"{meta} has no records: the {split} split is empty")
     # One directory listing instead of 20k stat calls: it checks every listed PNG exists (naming a
     # missing one before any decoding starts) and counts the files for the cache key.
-    present = {e.name for e in os.scandir(split_dir) if e.is_file()}
+    present = {e.name for e in os.scandir(split_dir) if e.is_file(follow_symlinks=False)}
     for r in records:
-        if r["file"] not in present and not (split_dir / r["file"]).is_file():
-            raise DatasetError(f"image file not found: {split_dir / r['file']} (listed in {meta})")
+        if r["file"] not in present:  # not a plain file in the folder: a path, a symlink, a FIFO, missing
+            inside_folder(split_dir, r["file"], meta)
     n_png = sum(1 for name in present if name.endswith(".png"))
     paths = [split_dir / r["file"] for r in records]
     expected = n_train if split == "train" else n_test
@@ -452,13 +472,10 @@ def load_folder(root, split: str, image_size: int = 32, captions_file: str = "ca
     chosen = [(img, caps) for img, (s, caps) in images.items() if s == split]
     if not chosen:
         raise DatasetError(f"{cap_path}: no images in the {split} split")
-    paths = [root / img for img, _ in chosen]
+    paths = [inside_folder(root, img, cap_path) for img, _ in chosen]  # also names a missing image
     digest = hashlib.sha1()
-    for p in paths:  # also names a missing image before any decoding starts
-        try:
-            st = p.stat()
-        except OSError:
-            raise DatasetError(f"image file not found: {p} (listed in {cap_path})") from None
+    for p in paths:
+        st = p.stat()
         digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     key = {"files": digest.hexdigest(), "n": len(paths), "image_size": image_size}
     arr = cached_images(root / ".cache" / f"{split}_{image_size}.npy", key,

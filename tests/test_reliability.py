@@ -259,3 +259,74 @@ def test_the_resume_rewrite_of_metrics_is_atomic_on_a_full_disk(tmp_path):
     assert lines[0].startswith(f"error: {metrics}: cannot write") and "disk is full" in lines[0], lines[0]
     assert metrics.read_bytes() == before  # nothing already written is lost
     assert not list((tmp_path / "clip").glob(".*.tmp-*"))
+
+
+# --- 6. paths never escape the dataset folder; only regular files are read --------------------
+
+def shapes_with(tmp_path, names):
+    from test_datasets import write_shapes_split
+    split = tmp_path / "shapes" / "train"
+    write_shapes_split(split, ["a red circle"])
+    with open(split / "metadata.jsonl", "a") as f:
+        for name in names:
+            f.write(json.dumps({"file": name, "caption": "a blue square"}) + "\n")
+    return tmp_path / "shapes"
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_shapes_metadata_cannot_point_outside_the_folder(tmp_path, kind):
+    from test_datasets import noise_image
+    secret = tmp_path / "secret.png"
+    noise_image(0).save(secret)
+    name = {"dotdot": "../../secret.png", "absolute": str(secret), "symlink": "link.png"}[kind]
+    root = shapes_with(tmp_path, [name])
+    if kind == "symlink":
+        (root / "train" / "link.png").symlink_to(secret)
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        load_dataset(data_cfg(root), "train", generate_missing=False, progress=False)
+
+
+def test_folder_captions_cannot_point_outside_and_do_not_reveal_files(tmp_path):
+    from test_datasets import noise_image, write_folder_images
+    root = tmp_path / "f"
+    write_folder_images(root)
+    noise_image(0).save(tmp_path / "exists.png")
+    messages = []
+    for name in ("../exists.png", "../missing.png", str(tmp_path / "exists.png")):
+        (root / "caps.csv").write_text(f"image,caption,split\nwide.png,a,train\n{name},b,train\n")
+        with pytest.raises(DatasetError, match="outside the dataset folder") as e:
+            load_dataset(data_cfg(root, dataset="folder", captions_file="caps.csv"), "train", progress=False)
+        messages.append(str(e.value).replace(name, "NAME"))
+    assert messages[0] == messages[1] == messages[2]  # an existing and a missing file look the same
+    (root / "out").symlink_to(tmp_path, target_is_directory=True)  # a symlinked folder out of root
+    (root / "caps.csv").write_text("image,caption,split\nwide.png,a,train\nout/exists.png,b,train\n")
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        load_dataset(data_cfg(root, dataset="folder", captions_file="caps.csv"), "train", progress=False)
+
+
+LOAD_FOLDER = """
+import sys
+from types import SimpleNamespace
+from data.datasets import DatasetError, load_dataset
+cfg = SimpleNamespace(dataset="folder", root=sys.argv[1], image_size=16, seed=0, captions_file="caps.csv")
+try:
+    load_dataset(cfg, "train", progress=False)
+except DatasetError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_listed_as_an_image_is_refused_not_read(tmp_path):
+    from test_datasets import write_folder_images
+    root = tmp_path / "f"
+    write_folder_images(root)
+    os.mkfifo(root / "pipe.png")
+    (root / "caps.csv").write_text("image,caption,split\nwide.png,a,train\npipe.png,b,train\n")
+    r = faults.run_py(["-c", LOAD_FOLDER, root], timeout=60)  # reading the FIFO would block forever
+    assert "pipe.png" in r.stdout and "is not a regular file" in r.stdout, r.stdout + r.stderr
+    os.mkfifo(tmp_path / "shapes_pipe")
+    root = shapes_with(tmp_path, ["pipe.png"])
+    os.mkfifo(root / "train" / "pipe.png")
+    with pytest.raises(DatasetError, match="pipe.png .* is not a regular file"):
+        load_dataset(data_cfg(root), "train", generate_missing=False, progress=False)
