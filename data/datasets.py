@@ -303,6 +303,17 @@ def inside_folder(root: Path, name: str, listed_in: Path) -> Path:
     return path
 
 
+def files_digest(paths: list, entries: Optional[dict] = None) -> str:
+    """sha1 of every file's name, size and mtime (ns), in order: what changes when any source image
+    is replaced, edited or touched. `entries` ({name: os.DirEntry}) saves a stat call per file."""
+    digest = hashlib.sha1()
+    for p in paths:
+        e = entries.get(p.name) if entries else None
+        st = e.stat(follow_symlinks=False) if e is not None and Path(e.path) == p else p.stat()
+        digest.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def file_stamp(path: Path) -> dict:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -377,7 +388,7 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         raise DatasetError(f"{meta} has no records: the {split} split is empty")
     # One directory listing instead of 20k stat calls: it checks every listed PNG exists (naming a
     # missing one before any decoding starts) and counts the files for the cache key.
-    present = {e.name for e in os.scandir(split_dir) if e.is_file(follow_symlinks=False)}
+    present = {e.name: e for e in os.scandir(split_dir) if e.is_file(follow_symlinks=False)}
     for r in records:
         if r["file"] not in present:  # not a plain file in the folder: a path, a symlink, a FIFO, missing
             inside_folder(split_dir, r["file"], meta)
@@ -388,7 +399,8 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         print(f"note: {split_dir} has {len(records)} images (config asks for {expected}); "
               f"using the files on disk")
 
-    key = {"n_files": n_png, "n_records": len(records), "metadata": file_stamp(meta), "image_size": image_size}
+    key = {"n_files": n_png, "n_records": len(records), "metadata": file_stamp(meta), "image_size": image_size,
+           "files": files_digest(paths, present)}  # a PNG replaced in place changes its size or mtime
     images = cached_images(split_dir / ".cache" / f"images_{image_size}.npy", key,
                            (len(records), 3, image_size, image_size),
                            lambda: decode_images(paths, image_size, f"decoding {split_dir}", progress))

@@ -330,3 +330,21 @@ def test_a_fifo_listed_as_an_image_is_refused_not_read(tmp_path):
     os.mkfifo(root / "train" / "pipe.png")
     with pytest.raises(DatasetError, match="pipe.png .* is not a regular file"):
         load_dataset(data_cfg(root), "train", generate_missing=False, progress=False)
+
+
+# --- 7. a replaced image never keeps its old pixels --------------------------------------------
+
+def test_a_png_replaced_in_place_rebuilds_the_image_cache(tmp_path):
+    from test_datasets import expected_pixels, noise_image, write_shapes_split
+    root = tmp_path / "s"
+    write_shapes_split(root / "train", ["a", "b"])
+    first = load_dataset(data_cfg(root, image_size=32), "train", progress=False)
+    png = root / "train" / "000001.png"
+    st = png.stat()
+    noise_image(7).save(png)  # same name, same count, same metadata.jsonl
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    again = load_dataset(data_cfg(root, image_size=32), "train", progress=False)
+    assert torch.equal(again.images[1], expected_pixels(png, 32))
+    assert not torch.equal(again.images[1], first.images[1])
+    from dalle2.embeddings import data_key
+    assert data_key(again) != data_key(first)  # so the CLIP embedding cache is rebuilt too
