@@ -18,7 +18,8 @@ def known_errors() -> tuple:
     from .files import LockError
     from .training import TrainingError
     # OSError: a missing or unreadable file, a full disk, a read-only folder: the message names the file
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, OSError)
+    # FloatingPointError: sampling produced NaN pixels (DALLE2.generate refuses to return them)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, OSError, FloatingPointError)
 
 
 def main_wrapper(main: Callable[[list[str] | None], object]):

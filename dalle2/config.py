@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field
@@ -208,13 +209,18 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     if typ is float:
         if isinstance(value, bool):
             raise bad("a number")
+        f = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            f = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                f = float(value)
             except ValueError:
                 pass
+        if f is not None and not math.isfinite(f):
+            raise bad("a finite number")  # nan and inf pass every min/max comparison
+        if f is not None:
+            return f
         raise bad("a number")
     if typ is str:
         if isinstance(value, str):

@@ -348,3 +348,66 @@ def test_a_png_replaced_in_place_rebuilds_the_image_cache(tmp_path):
     assert not torch.equal(again.images[1], first.images[1])
     from dalle2.embeddings import data_key
     assert data_key(again) != data_key(first)  # so the CLIP embedding cache is rebuilt too
+
+
+# --- 8. no silent bad output: finite numbers, no NaN images, no runaway --n --------------------
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf", "1e999"])
+def test_config_refuses_non_finite_numbers(value):
+    from dalle2.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"sampling.guidance_scale: expected a finite number"):
+        load_config(overrides=[f"sampling.guidance_scale={value}"])
+
+
+def load_sample_py():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sample_cli", faults.REPO / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["--prior-guidance-scale", "inf"], "--prior-guidance-scale must be a finite number"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--prior-steps", "-3"], "--prior-steps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--seed", "-1"], "--seed must be between 0 and"),
+    (["--seed", str(2 ** 70)], "--seed must be between 0 and"),
+    (["--n", "100000"], "100000 images asked for"),
+])
+def test_sample_py_refuses_bad_arguments_before_any_work(tmp_path, args, words):
+    sample = load_sample_py()
+    with pytest.raises(SystemExit, match=words) as e:
+        sample.main(["a red circle", "--checkpoints", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *args])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # refused before anything was made
+
+
+def test_sampling_refuses_nan_images(tiny_run, monkeypatch):
+    from dalle2 import DALLE2
+    model = DALLE2.from_run(tiny_run[0])
+    monkeypatch.setattr(model.decoder, "sample", lambda emb, *a, **k: torch.full((len(emb), 3, 32, 32), float("nan")))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        model.generate(["a red circle"], steps=2, prior_steps=2)
+
+
+def test_many_images_need_yes_and_are_streamed_with_a_capped_grid(tiny_run, tmp_path, monkeypatch):
+    from PIL import Image
+    sample = load_sample_py()
+    monkeypatch.setattr(sample, "MAX_IMAGES", 3)
+    monkeypatch.setattr(sample, "GRID_MAX", 2)
+    argv = ["a red circle", "a blue square", "--n", "2", "--steps", "2", "--prior-steps", "2", "--batch-size", "2",
+            "--checkpoints", str(tiny_run[0]), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="add --yes"):
+        sample.main(argv)
+    sample.main(argv + ["--yes"])
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000_0.png", "0000_1.png", "0001_0.png",
+                                                                 "0001_1.png", "grid.png"]
+    from dalle2.images import captioned_grid
+    tiles = [Image.open(tmp_path / "o" / name).convert("RGB") for name in ("0000_0.png", "0000_1.png")]
+    expected = captioned_grid(tiles, ["a red circle"] * 2, cols=2)
+    with Image.open(tmp_path / "o" / "grid.png") as grid:
+        assert grid.size == expected.size  # the first two tiles, not all four
+        assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(expected))
