@@ -303,7 +303,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. clip.train.lr=3e-4")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                          f"quote it, e.g. --set '{key.strip()}=\"...\"'") from None
 
 
 def load_config(path: str | os.PathLike | None = None, preset: Optional[str] = None,
@@ -312,9 +316,15 @@ def load_config(path: str | os.PathLike | None = None, preset: Optional[str] = N
     path = Path(path) if path else DEFAULT_CONFIG
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not a text (UTF-8) file ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):

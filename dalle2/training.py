@@ -296,6 +296,7 @@ class Trainer:
         if not self.resume_path.exists():
             return False
         ckpt = load_checkpoint(self.resume_path, stage=self.stage)
+        self._check_resumable(ckpt)
         saved, now = ckpt["config"], asdict(self.cfg)
         checks = [(f"{self.stage}.model", now[self.stage]["model"], saved.get(self.stage, {}).get("model")),
                   ("data.image_size", now["data"]["image_size"], saved.get("data", {}).get("image_size")),
@@ -316,6 +317,17 @@ class Trainer:
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the saved step
             trim_metrics(self.metrics_path, self.step, self.print)
         return True
+
+    def _check_resumable(self, ckpt: dict) -> None:
+        """A resume checkpoint must hold the training state, and the vocabulary of this run."""
+        missing = [k for k in ("raw_model", "optimizer", "rng", "config") if k not in ckpt]
+        if missing:
+            raise TrainingError(f"{self.resume_path}: not a resume checkpoint (no {', '.join(missing)}): a final model "
+                                f"file such as {self.final_path.name} cannot be resumed; use --overwrite to train again")
+        mine = self.tokenizer.state_dict() if self.tokenizer is not None else None
+        if ckpt.get("tokenizer") is not None and mine is not None and ckpt["tokenizer"] != mine:
+            raise TrainingError(f"{self.resume_path}: the checkpoint's vocabulary (tokenizer) differs from this run's: "
+                                f"the training captions changed; resume on the same data, or use --overwrite or another --out")
 
     # -- logging --
     def log(self, record: dict) -> None:

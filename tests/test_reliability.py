@@ -411,3 +411,58 @@ def test_many_images_need_yes_and_are_streamed_with_a_capped_grid(tiny_run, tmp_
     with Image.open(tmp_path / "o" / "grid.png") as grid:
         assert grid.size == expected.size  # the first two tiles, not all four
         assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(expected))
+
+
+# --- 9. one line, not a traceback -------------------------------------------------------------
+
+def test_config_file_and_set_problems_are_config_errors(tmp_path):
+    from dalle2.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"--set clip.train.lr=\[1,: the value is not valid YAML"):
+        load_config(overrides=["clip.train.lr=[1,"])
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yml"
+    latin.write_bytes("data: {root: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yml: not a text \(UTF-8\) file"):
+        load_config(latin)
+
+
+def test_training_cli_config_errors_are_one_line(tmp_path):
+    r = faults.run_py(["clip/train.py", "--config", tmp_path, "--out", tmp_path / "run"])
+    lines = faults.error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and "is a folder" in lines[0], r.stderr[-2000:]
+
+
+def test_a_read_only_run_folder_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import dalle2.files as files
+    from dalle2.cli import main_wrapper
+    from test_training import get_batch, make_trainer
+
+    def read_only(path, mode="r", *a, **k):
+        if "w" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return open(path, mode, *a, **k)
+    monkeypatch.setattr(files, "open", read_only, raising=False)  # every atomic write fails like a read-only mount
+    with pytest.raises(SystemExit) as e:
+        main_wrapper(lambda argv: make_trainer(tmp_path, steps=2).fit(get_batch))([])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0] == f"error: {tmp_path / 'clip' / 'config.yml'}: cannot write (Read-only file system)"
+
+
+def test_a_final_model_as_resume_checkpoint_and_other_vocabulary_are_refused(tmp_path):
+    import shutil
+    from dalle2.config import load_config
+    from dalle2.tokenizer import Tokenizer
+    from dalle2.training import Trainer, TrainingError
+    from test_training import Toy, get_batch, make_trainer
+    make_trainer(tmp_path, steps=2).fit(get_batch)
+    shutil.copy(tmp_path / "clip.pt", tmp_path / "clip" / "checkpoint.pt")
+    with pytest.raises(TrainingError, match="not a resume checkpoint.*final model"):
+        make_trainer(tmp_path, steps=4).fit(get_batch, resume=True)
+    make_trainer(tmp_path, steps=2).fit(get_batch, overwrite=True)
+    cfg = load_config(preset="tiny", overrides=["clip.train.steps=4", "clip.train.batch_size=8", "clip.train.ema_decay=0.9"])
+    other = Trainer("clip", cfg, cfg.clip.train, Toy(), tmp_path, tokenizer=Tokenizer.build(["a blue square"]))
+    with pytest.raises(TrainingError, match="vocabulary"):
+        other.fit(get_batch, resume=True)
