@@ -14,7 +14,7 @@ from clip.evaluate import evaluate_clip
 from clip.model import build_clip
 from dalle2.cli import load_and_print_config, main_wrapper, training_parser
 from dalle2.tokenizer import Tokenizer
-from dalle2.training import Trainer, cleanup_distributed, load_data, setup_distributed
+from dalle2.training import Trainer, cleanup_distributed, init_seed, load_data, setup_distributed
 from data.datasets import StepBatches, to_float
 
 
@@ -28,6 +28,7 @@ def main(argv=None):
         # The vocabulary comes from the training captions (deterministic, so a resumed run rebuilds
         # the same one); it is saved in every checkpoint downstream.
         tokenizer = Tokenizer.build(train.captions, cfg.clip.model.context_length)
+        init_seed(tc)  # same config, same initial weights
         model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)
         model.tokenizer = tokenizer
         if dist.is_main:

@@ -31,10 +31,19 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import FORMAT, atomic_torch_save, load_checkpoint
+from .checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from .config import Config, TrainConfig, save_config
 from .files import FolderLock, atomic_write_text, clean_orphans
 from .report import format_table
+
+
+MAX_SANE_WEIGHT = 1e6  # no weight of a working model gets near this; a diverged one passes it before going inf
+
+
+def init_seed(tc: TrainConfig) -> None:
+    """Seed the global RNG before a stage builds its model, so the same config gives the same
+    initial weights (the step seeds take over once training starts)."""
+    torch.manual_seed(_step_seed(tc.seed, -1, 0))
 
 
 class TrainingError(Exception):
@@ -287,6 +296,7 @@ class Trainer:
     def save(self, final: bool = False) -> None:
         if not self.dist.is_main:
             return
+        self._check_sane_weights()  # never replace the last good checkpoint with diverged weights
         atomic_torch_save(self._payload(final=False), self.resume_path)
         if final:
             atomic_torch_save(self._payload(final=True), self.final_path)
@@ -451,6 +461,24 @@ class Trainer:
             self._run_callback(sample, "sample")
         self.print(f"[{self.stage}] done: {self.final_path}")
         return self.eval_model
+
+    def _check_sane_weights(self) -> None:
+        """Refuse to save weights that are non-finite or beyond MAX_SANE_WEIGHT (a divergence the
+        loss has not shown yet: it was computed before the optimizer step that blew them up)."""
+        for label, module in (("weights", self.model), ("EMA weights", self.ema.model if self.ema else None)):
+            if module is None:
+                continue
+            params = [p.detach() for p in module.parameters() if p.numel()]
+            peaks = torch.stack([p.abs().max().float() for p in params]) if params else torch.zeros(1)
+            worst = peaks.max().item()  # nan propagates through max
+            if not math.isfinite(worst) or worst > MAX_SANE_WEIGHT:
+                name = [n for n, p in module.named_parameters() if p.numel()][int(torch.nan_to_num(peaks, nan=math.inf).argmax())]
+                try:
+                    kept = f"the last good checkpoint ({self.resume_path}, step {load_checkpoint(self.resume_path)['step']}) is kept"
+                except CheckpointError:
+                    kept = "there is no earlier checkpoint"
+                raise TrainingError(f"[{self.stage}] the {label} diverged before step {self.step} (max |{name}| = "
+                                    f"{worst:.3g}): not saved; {kept}. Try a lower --set {self.stage}.train.lr, then --resume.")
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if bool(bad):

@@ -466,3 +466,40 @@ def test_a_final_model_as_resume_checkpoint_and_other_vocabulary_are_refused(tmp
     other = Trainer("clip", cfg, cfg.clip.train, Toy(), tmp_path, tokenizer=Tokenizer.build(["a blue square"]))
     with pytest.raises(TrainingError, match="vocabulary"):
         other.fit(get_batch, resume=True)
+
+
+# --- 10. the last good checkpoint is sane; two fresh runs start from the same weights ------------
+
+def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path):
+    from dalle2.checkpoint import load_checkpoint
+    from dalle2.training import TrainingError
+    from test_training import get_batch, make_trainer
+    trainer = make_trainer(tmp_path, steps=10, ema=0.0)  # saves at steps 2, 4, 6, ...
+    real_step, calls = trainer.optimizer.step, []
+
+    def exploding_step(*a, **k):  # the 4th update (step index 3) blows the weights up; its loss was finite
+        real_step(*a, **k)
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                trainer.model.net[0].weight.mul_(1e32)
+    trainer.optimizer.step = exploding_step
+    with pytest.raises(TrainingError, match=r"weights diverged before step 4 \(max \|net.0.weight\| = .*e\+3\d\): not saved; the last good checkpoint .* step 2\) is kept"):
+        trainer.fit(get_batch)
+    ckpt = load_checkpoint(tmp_path / "clip" / "checkpoint.pt")
+    assert ckpt["step"] == 2 and max(v.abs().max().item() for v in ckpt["raw_model"].values()) < 1e3
+    assert not (tmp_path / "clip.pt").exists()
+
+
+def test_two_fresh_runs_start_from_the_same_weights(tmp_path):
+    from clip.train import main as train_clip
+    from dalle2.checkpoint import load_checkpoint
+    from dalle2.train_prior import main as train_prior
+    common = ["--preset", "tiny", "--quiet", *tiny_overrides(tmp_path / "shapes", n_train=32, n_test=8, steps=1)]
+    for run in ("a", "b"):
+        torch.manual_seed(1234 if run == "a" else 99)  # whatever the process did before must not matter
+        train_clip(common + ["--out", str(tmp_path / run)])
+        train_prior(common + ["--out", str(tmp_path / run), "--clip", str(tmp_path / "a" / "clip.pt")])
+    for stage in ("clip", "prior"):
+        a, b = (load_checkpoint(tmp_path / run / f"{stage}.pt")["model"] for run in ("a", "b"))
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
