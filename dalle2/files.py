@@ -26,7 +26,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             write(f)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save may wrap the OSError of a full disk
-        raise _write_error(e, path) from e
+        err = _write_error(e, path)
+        if err is e:
+            raise
+        raise err from e
     finally:
         if tmp.exists():
             tmp.unlink()

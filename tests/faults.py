@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +29,31 @@ def run_py(args: list, timeout: float = 120, file_size_limit: int | None = None,
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env(), preexec_fn=limit, **kw)
+
+
+@contextmanager
+def file_size_limit(n_bytes: int):
+    """In this process: every write past n_bytes fails with EFBIG, like a full disk (restored after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
+def cli(main, argv: list, capsys) -> tuple:
+    """Run an entry point's main through main_wrapper in this process: (exit code, stderr lines)."""
+    from dalle2.cli import main_wrapper
+    capsys.readouterr()
+    try:
+        main_wrapper(main)([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, error_lines(capsys.readouterr().err)
 
 
 def start_py(args: list, **kw) -> subprocess.Popen:

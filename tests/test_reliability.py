@@ -77,12 +77,12 @@ def test_rerun_without_resume_is_refused_and_overwrite_starts_a_fresh_log(tmp_pa
     assert steps == [1, 2, 3]  # one run's log, not the old one with the new one appended
 
 
-def test_training_cli_refuses_a_rerun_in_one_line(tiny_run):
+def test_training_cli_refuses_a_rerun_in_one_line(tiny_run, capsys):
+    from clip.train import main as train_clip
     run, argv = tiny_run
     before = (run / "clip.pt").read_bytes()
-    r = faults.run_py(["clip/train.py", *argv], timeout=300)
-    lines = faults.error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], r.stderr
+    code, lines = faults.cli(train_clip, argv, capsys)
+    assert code == 2 and len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], lines
     assert (run / "clip.pt").read_bytes() == before
 
 
@@ -237,25 +237,16 @@ def test_resume_survives_a_torn_last_metrics_line(tmp_path):
     assert all(json.loads(l) for l in lines) and sorted(losses(tmp_path)) == list(range(1, 9))
 
 
-RESUME_TOY = """
-import sys
-sys.path.insert(0, 'tests')
-from test_training import get_batch, make_trainer
-from dalle2.cli import main_wrapper
-main_wrapper(lambda argv: make_trainer(sys.argv[1], steps=int(sys.argv[2])).fit(get_batch, resume=True))([])
-"""
-
-
-def test_the_resume_rewrite_of_metrics_is_atomic_on_a_full_disk(tmp_path):
+def test_the_resume_rewrite_of_metrics_is_atomic_on_a_full_disk(tmp_path, capsys):
     from test_training import get_batch, make_trainer
     make_trainer(tmp_path, steps=4).fit(get_batch)
     metrics = tmp_path / "clip" / "metrics.jsonl"
     padding = "".join(json.dumps({"step": 1, "note": "x" * 200}) + "\n" for _ in range(600))  # ~130 kB
     metrics.write_text(padding + metrics.read_text())
     before = metrics.read_bytes()
-    r = faults.run_py(["-c", RESUME_TOY, tmp_path, 6], file_size_limit=64_000)  # writes past 64 kB fail
-    lines = faults.error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    with faults.file_size_limit(64_000):  # writes past 64 kB fail
+        code, lines = faults.cli(lambda argv: make_trainer(tmp_path, steps=6).fit(get_batch, resume=True), [], capsys)
+    assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {metrics}: cannot write") and "disk is full" in lines[0], lines[0]
     assert metrics.read_bytes() == before  # nothing already written is lost
     assert not list((tmp_path / "clip").glob(".*.tmp-*"))
@@ -427,10 +418,10 @@ def test_config_file_and_set_problems_are_config_errors(tmp_path):
         load_config(latin)
 
 
-def test_training_cli_config_errors_are_one_line(tmp_path):
-    r = faults.run_py(["clip/train.py", "--config", tmp_path, "--out", tmp_path / "run"])
-    lines = faults.error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1 and "is a folder" in lines[0], r.stderr[-2000:]
+def test_training_cli_config_errors_are_one_line(tmp_path, capsys):
+    from clip.train import main as train_clip
+    code, lines = faults.cli(train_clip, ["--config", tmp_path, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and len(lines) == 1 and "is a folder" in lines[0], lines
 
 
 def test_a_read_only_run_folder_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
