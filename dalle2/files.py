@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -98,11 +99,22 @@ class FolderLock:
         self.held = False
 
     def _holder(self):
+        """(pid, host) of the lock file; (None, "") if there is none; pid 0 (never alive) for a file
+        that holds no pid (not written by this class, whose lock files appear complete)."""
         try:
-            pid, host = (self.path.read_text().split() + ["", ""])[:2]
-            return int(pid), host
-        except (OSError, ValueError):
+            pid, host = (self.path.read_text(errors="replace").split() + ["", ""])[:2]
+        except FileNotFoundError:
             return None, ""
+        except OSError:
+            return 0, socket.gethostname()
+        try:
+            return int(pid), host or socket.gethostname()
+        except ValueError:  # being written by an exclusive create (no hard links), or junk once it is old
+            try:
+                young = time.time() - self.path.stat().st_mtime < 5
+            except OSError:
+                young = True
+            return (None, "") if young else (0, socket.gethostname())
 
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -112,13 +124,21 @@ class FolderLock:
         try:
             for _ in range(5):
                 try:
-                    os.link(tmp, self.path)
+                    try:
+                        os.link(tmp, self.path)
+                    except FileExistsError:
+                        raise
+                    except OSError:  # a filesystem without hard links: exclusive create instead
+                        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                        with os.fdopen(fd, "w") as f:
+                            f.write(f"{os.getpid()} {me}\n")
                     self.held = True
                     return self
                 except FileExistsError:
                     pass
                 pid, host = self._holder()
-                if pid is None:  # vanished between link and read: try again
+                if pid is None:  # vanished between link and read, or still being written: try again
+                    time.sleep(0.2)
                     continue
                 if host == me and (pid == os.getpid() or not pid_alive(pid)):
                     self.path.unlink(missing_ok=True)  # stale: its holder is gone

@@ -107,6 +107,10 @@ def test_second_training_into_one_folder_is_refused_and_stale_locks_are_taken_ov
     assert (tmp_path / "clip" / ".lock").read_text().split()[0] == str(holder.pid)
     make_trainer(tmp_path, steps=2).fit(get_batch)
     assert (tmp_path / "clip.pt").is_file() and not (tmp_path / "clip" / ".lock").exists()
+    (tmp_path / "clip" / ".lock").write_text("")  # an empty lock file (no pid), not new: stale too
+    os.utime(tmp_path / "clip" / ".lock", (1e9, 1e9))
+    make_trainer(tmp_path, steps=2).fit(get_batch, overwrite=True)
+    assert not (tmp_path / "clip" / ".lock").exists()
 
 
 def test_generating_one_shapes_root_twice_at_once_is_refused(tmp_path):
@@ -494,3 +498,16 @@ def test_two_fresh_runs_start_from_the_same_weights(tmp_path):
     for stage in ("clip", "prior"):
         a, b = (load_checkpoint(tmp_path / run / f"{stage}.pt")["model"] for run in ("a", "b"))
         assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_folder_lock_works_without_hard_links(tmp_path, monkeypatch):
+    from dalle2.files import FolderLock, LockError
+    def no_links(*a):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    with FolderLock(tmp_path, "a test"):
+        assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text(f"{os.getppid()} {__import__('socket').gethostname()}\n")  # a live process
+    with pytest.raises(LockError, match=f"locked by process {os.getppid()}"):
+        FolderLock(tmp_path, "a test").acquire()
