@@ -99,6 +99,8 @@ def main(argv=None):
     check_args(args, len(captions) * args.n)
     out = Path(args.out)
     check_writable(out)
+    from dalle2.files import clean_orphans
+    clean_orphans(out)  # temporary files of an earlier run that was killed mid-write
 
     from dalle2 import DALLE2
     from dalle2.images import write_samples

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dalle2.files import atomic_write
+from dalle2.files import atomic_write, clean_orphans
 
 SPLITS = ("train", "test")
 DATASETS = ("shapes", "cifar10", "folder")
@@ -276,6 +276,7 @@ def cached_images(cache_file: Path, key: dict, shape: tuple, build: Callable[[],
     arr = build()
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
+        clean_orphans(cache_file.parent)  # temporary files of a rebuild that was killed
         # Array first, key second: a key only ever describes an array that is already complete.
         atomic_write(cache_file, lambda f: np.save(f, arr))
         atomic_write(key_file, lambda f: f.write(json.dumps(key, sort_keys=True).encode()))

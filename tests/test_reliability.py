@@ -169,6 +169,14 @@ def test_orphan_temporary_files_of_killed_writes_are_removed_at_start(tmp_path):
         p.write_bytes(b"x" * 1000)
     make_trainer(tmp_path, steps=2).fit(get_batch)
     assert not any(p.exists() for p in orphans) and kept.exists()
+    # a killed image-cache rebuild: cleaned by the next rebuild
+    from test_datasets import write_shapes_split
+    write_shapes_split(tmp_path / "s" / "train", ["a"])
+    orphan = tmp_path / "s" / "train" / ".cache" / f".images_16.npy.tmp-{dead}"
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"x" * 1000)
+    load_dataset(data_cfg(tmp_path / "s"), "train", progress=False)
+    assert not orphan.exists()
 
 
 # --- 3. nothing a user loads runs code; data locations come from the user ----------------------
