@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from typing import Callable
 
@@ -39,6 +40,17 @@ def main_wrapper(main: Callable[[list[str] | None], object]):
     return run
 
 
+def _minutes(text: str) -> float:
+    """--time-limit: a finite number of minutes >= 0 (nan would never stop, a negative one at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of minutes >= 0, got {text!r}")
+    return value
+
+
 def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The arguments every training script takes."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +62,7 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
                    f"({stage}.pt, {stage}/checkpoint.pt, its metrics) and train from scratch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
-    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+    p.add_argument("--time-limit", type=_minutes, default=None, metavar="MINUTES",
                    help="stop after this many minutes as if training had finished (final checkpoint, evaluation)")
     if stage != "clip":
         p.add_argument("--clip", default=None, help="CLIP checkpoint (default: OUT/clip.pt)")

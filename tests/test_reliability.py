@@ -519,3 +519,11 @@ def test_folder_lock_works_without_hard_links(tmp_path, monkeypatch):
     (tmp_path / ".lock").write_text(f"{os.getppid()} {__import__('socket').gethostname()}\n")  # a live process
     with pytest.raises(LockError, match=f"locked by process {os.getppid()}"):
         FolderLock(tmp_path, "a test").acquire()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_time_limit_must_be_a_finite_number_of_minutes(value, capsys):
+    from dalle2.cli import training_parser
+    with pytest.raises(SystemExit):
+        training_parser("x", "clip").parse_args(["--time-limit", value])
+    assert "--time-limit: must be a finite number of minutes >= 0" in capsys.readouterr().err
