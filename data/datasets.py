@@ -291,7 +291,10 @@ def inside_folder(root: Path, name: str, listed_in: Path) -> Path:
     outside is looked at (so the message never tells whether some other file exists); FIFOs,
     devices and folders are refused without being opened (reading a FIFO would hang)."""
     base = root.resolve()
-    path = (base / name).resolve()
+    try:
+        path = (base / name).resolve()
+    except (ValueError, OSError):  # a NUL byte, a symlink loop
+        raise DatasetError(f"{listed_in} lists {name!r}, which is not a usable file name") from None
     if os.path.isabs(name) or path != base and base not in path.parents:
         raise DatasetError(f"{listed_in} lists {name!r}, which is outside the dataset folder {root}: image "
                            f"paths must be relative and stay inside it (symlinks out of it are refused)")

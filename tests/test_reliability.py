@@ -276,6 +276,12 @@ def shapes_with(tmp_path, names):
     return tmp_path / "shapes"
 
 
+def test_a_file_name_with_a_nul_byte_is_a_dataset_error(tmp_path):
+    root = shapes_with(tmp_path, ["bad\u0000name.png"])
+    with pytest.raises(DatasetError, match="not a usable file name"):
+        load_dataset(data_cfg(root), "train", generate_missing=False, progress=False)
+
+
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
 def test_shapes_metadata_cannot_point_outside_the_folder(tmp_path, kind):
     from test_datasets import noise_image
