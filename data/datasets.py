@@ -329,6 +329,8 @@ def file_stamp(path: Path) -> dict:
 def jsonl_objects(path: Path):
     """Yield (line number, object) for each non-blank line of a JSONL file; a line that is not a
     JSON object is a DatasetError naming the file and line."""
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise DatasetError(f"{path} is not a regular file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:

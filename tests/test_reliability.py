@@ -317,9 +317,9 @@ LOAD_FOLDER = """
 import sys
 from types import SimpleNamespace
 from data.datasets import DatasetError, load_dataset
-cfg = SimpleNamespace(dataset="folder", root=sys.argv[1], image_size=16, seed=0, captions_file="caps.csv")
+cfg = SimpleNamespace(dataset=sys.argv[2], root=sys.argv[1], image_size=16, seed=0, captions_file="caps.csv")
 try:
-    load_dataset(cfg, "train", progress=False)
+    load_dataset(cfg, "train", generate_missing=False, progress=False)
 except DatasetError as e:
     print(e)
 """
@@ -332,9 +332,12 @@ def test_a_fifo_listed_as_an_image_is_refused_not_read(tmp_path):
     write_folder_images(root)
     os.mkfifo(root / "pipe.png")
     (root / "caps.csv").write_text("image,caption,split\nwide.png,a,train\npipe.png,b,train\n")
-    r = faults.run_py(["-c", LOAD_FOLDER, root], timeout=60)  # reading the FIFO would block forever
+    r = faults.run_py(["-c", LOAD_FOLDER, root, "folder"], timeout=60)  # reading the FIFO would block forever
     assert "pipe.png" in r.stdout and "is not a regular file" in r.stdout, r.stdout + r.stderr
-    os.mkfifo(tmp_path / "shapes_pipe")
+    (tmp_path / "m" / "train").mkdir(parents=True)
+    os.mkfifo(tmp_path / "m" / "train" / "metadata.jsonl")  # the metadata itself a FIFO
+    r = faults.run_py(["-c", LOAD_FOLDER, tmp_path / "m", "shapes"], timeout=60)
+    assert "metadata.jsonl is not a regular file" in r.stdout, r.stdout + r.stderr
     root = shapes_with(tmp_path, ["pipe.png"])
     os.mkfifo(root / "train" / "pipe.png")
     with pytest.raises(DatasetError, match="pipe.png .* is not a regular file"):
