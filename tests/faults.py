@@ -3,7 +3,6 @@ read-only folder, a torn file. Plain helpers, no fixtures, so any test can combi
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -25,15 +24,17 @@ def run_py(args: list, timeout: float = 120, file_size_limit: int | None = None,
     returns an error instead of killing the process)."""
     def limit():
         if file_size_limit is not None:
+            import resource  # POSIX only
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env(), preexec_fn=limit, **kw)
+                          timeout=timeout, env=env(), preexec_fn=limit if file_size_limit is not None else None, **kw)
 
 
 @contextmanager
 def file_size_limit(n_bytes: int):
     """In this process: every write past n_bytes fails with EFBIG, like a full disk (restored after)."""
+    import resource  # POSIX only
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))

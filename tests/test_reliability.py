@@ -249,6 +249,7 @@ def test_resume_survives_a_torn_last_metrics_line(tmp_path):
     assert all(json.loads(l) for l in lines) and sorted(losses(tmp_path)) == list(range(1, 9))
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE")
 def test_the_resume_rewrite_of_metrics_is_atomic_on_a_full_disk(tmp_path, capsys):
     from test_training import get_batch, make_trainer
     make_trainer(tmp_path, steps=4).fit(get_batch)
