@@ -23,7 +23,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a leftover (or a planted symlink) is removed, never written through
+        with open(tmp, "xb") as f:
             write(f)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save may wrap the OSError of a full disk

@@ -537,3 +537,13 @@ def test_time_limit_must_be_a_finite_number_of_minutes(value, capsys):
     with pytest.raises(SystemExit):
         training_parser("x", "clip").parse_args(["--time-limit", value])
     assert "--time-limit: must be a finite number of minutes >= 0" in capsys.readouterr().err
+
+
+def test_atomic_write_never_writes_through_a_planted_temporary_symlink(tmp_path):
+    from dalle2.files import atomic_write_text
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / f".config.yml.tmp-{os.getpid()}").symlink_to(victim)
+    atomic_write_text(tmp_path / "run" / "config.yml", "new")
+    assert victim.read_text() == "precious" and (tmp_path / "run" / "config.yml").read_text() == "new"
