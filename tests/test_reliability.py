@@ -453,7 +453,7 @@ def test_a_read_only_run_folder_is_one_line_naming_the_file(tmp_path, monkeypatc
     from test_training import get_batch, make_trainer
 
     def read_only(path, mode="r", *a, **k):
-        if "w" in mode:
+        if any(c in mode for c in "wxa+"):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return open(path, mode, *a, **k)
     monkeypatch.setattr(files, "open", read_only, raising=False)  # every atomic write fails like a read-only mount
