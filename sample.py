@@ -12,6 +12,7 @@ its "dalle2" text chunk, and OUT/samples.jsonl holds the same, one line per imag
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -49,6 +50,51 @@ def sample_records(model, args, captions: list[str]) -> list[dict]:
     return [{"caption": c, "index": i, **common} for i, c in enumerate(rows)]
 
 
+MAX_IMAGES = 1024  # more than this asks for --yes: 100,000 images is hours of work and gigabytes
+GRID_MAX = 256  # grid.png shows at most this many images (the files hold them all)
+SEED_MAX = 2 ** 32 - 1  # generate() derives per-batch seeds from it; keep them in range
+
+
+def check_args(args, n_images: int) -> None:
+    """Refuse values that would crash deep inside sampling or silently draw black images."""
+    def bad(msg):
+        raise SystemExit(f"error: {msg}")
+    for name in ("steps", "prior_steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("guidance_scale", "prior_guidance_scale"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.seed <= SEED_MAX:
+        bad(f"--seed must be between 0 and {SEED_MAX}, got {args.seed}")
+    if n_images > MAX_IMAGES and not args.yes:
+        bad(f"{n_images} images asked for (--n {args.n} x {n_images // args.n} captions), more than "
+            f"{MAX_IMAGES}: that can take hours; add --yes to draw them all (written as they are made, "
+            f"grid.png shows the first {GRID_MAX})")
+
+
+def write_streamed(model, captions: list, n: int, out: Path, args, kwargs: dict) -> int:
+    """Draw and save the images a few captions at a time, so memory stays bounded; grid.png gets the
+    first GRID_MAX. Same arguments, same files."""
+    from dalle2.images import captioned_grid, save_image_atomic
+    per_chunk = max(1, (args.batch_size or model.sampling.batch_size) // n)
+    grid, grid_caps, count = [], [], 0
+    for start in range(0, len(captions), per_chunk):
+        chunk = captions[start:start + per_chunk]
+        images = model.to_pil(model.generate(chunk, n_per_text=n, seed=args.seed + start, **kwargs))
+        for j, img in enumerate(images):
+            i, k = start + j // n, j % n
+            save_image_atomic(img, out / (f"{i:04d}.png" if n == 1 else f"{i:04d}_{k}.png"))
+            if len(grid) < GRID_MAX:
+                grid.append(img)
+                grid_caps.append(captions[i])
+        count += len(images)
+    save_image_atomic(captioned_grid(grid, grid_caps, cols=max(n, min(8, len(grid)))), out / "grid.png")
+    return count
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("captions", nargs="*", help="captions to draw")
@@ -66,6 +112,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (CUDA, else mps, else CPU) | cpu | cuda | mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off for many images)")
+    p.add_argument("--yes", action="store_true", help=f"allow more than {MAX_IMAGES} images")
     args = p.parse_args(argv)
 
     captions = list(args.captions) + (read_prompts(args.prompts) if args.prompts else [])
@@ -73,8 +120,11 @@ def main(argv=None):
         p.error("give at least one caption, or --prompts FILE")
     if args.n < 1:
         p.error("--n must be at least 1")
+    check_args(args, len(captions) * args.n)
     out = Path(args.out)
     check_writable(out)
+    from dalle2.files import clean_orphans
+    clean_orphans(out)  # temporary files of an earlier run that was killed mid-write
 
     from dalle2 import DALLE2
     from dalle2.images import write_samples
@@ -82,6 +132,13 @@ def main(argv=None):
     model = DALLE2.from_pretrained(args.checkpoints or shipped_or("runs"), device=pick_device(args.device))
     if args.compile:
         model.compile()
+    if len(captions) * args.n > MAX_IMAGES:  # allowed by --yes: streamed
+        kwargs = dict(guidance_scale=args.guidance_scale, prior_guidance_scale=args.prior_guidance_scale,
+                      steps=args.steps, prior_steps=args.prior_steps, sampler=args.sampler,
+                      batch_size=args.batch_size, progress=False)
+        count = write_streamed(model, captions, args.n, out, args, kwargs)
+        print(f"wrote {count} images and grid.png (the first {GRID_MAX}) to {out}/")
+        return out
     images = model.generate(captions, n_per_text=args.n, guidance_scale=args.guidance_scale,
                             prior_guidance_scale=args.prior_guidance_scale, steps=args.steps,
                             prior_steps=args.prior_steps, sampler=args.sampler, seed=args.seed,

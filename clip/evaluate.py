@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dalle2.cli import main_wrapper
-from dalle2.config import apply_overrides
+from dalle2.config import add_config_args, data_config_for_checkpoint
 from dalle2.report import format_table
 from dalle2.training import pick_device
 from data.datasets import CaptionedImages, load_dataset, to_float
@@ -144,12 +144,11 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's data config, e.g. --set data.root=/path/to/shapes")
+    add_config_args(p)  # where the data is: the user's config, never the checkpoint's (see data_config_for_checkpoint)
     args = p.parse_args(argv)
     from clip.model import CLIP
     model = CLIP.from_checkpoint(args.checkpoint, map_location="cpu").to(pick_device(args.device))
-    data_cfg = apply_overrides(model.config, args.overrides, args.checkpoint).data
+    data_cfg = data_config_for_checkpoint(model.config, args)
     ds = load_dataset(data_cfg, args.split, generate_missing=False)
     result = evaluate_clip(model, ds, args.batch_size)
     print(f"CLIP {args.checkpoint} on {ds.name}\n{format_table(result)}")

@@ -19,7 +19,7 @@ from clip.model import build_clip
 from dalle2.checkpoint import init_from, load_stage_weights
 from dalle2.cli import load_and_print_config, main_wrapper, training_parser
 from dalle2.tokenizer import Tokenizer
-from dalle2.training import Trainer, cleanup_distributed, load_data, setup_distributed
+from dalle2.training import Trainer, cleanup_distributed, init_seed, load_data, setup_distributed
 from data.datasets import StepBatches, to_float
 
 
@@ -61,6 +61,7 @@ def main(argv=None):
             tok_state = load_stage_weights(args.init_from, "clip")[2]
             tokenizer = Tokenizer.from_state_dict(tok_state) if tok_state else tokenizer
         check_caption_lengths(tokenizer, train.captions, dist.is_main)
+        init_seed(tc)  # same config, same initial weights
         model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)
         if args.init_from:
             init_from(model, args.init_from, "clip", asdict(cfg.clip.model), tokenizer)
@@ -86,7 +87,7 @@ def main(argv=None):
         def evaluate(m, step):
             return evaluate_clip(m, test)
 
-        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit, evaluate=evaluate)
+        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit, evaluate=evaluate)
     finally:
         cleanup_distributed()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from typing import Callable
 
@@ -15,8 +16,11 @@ def known_errors() -> tuple:
     from data.datasets import DatasetError
 
     from .checkpoint import CheckpointError
+    from .files import LockError
     from .training import TrainingError
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, FileNotFoundError, PermissionError)
+    # OSError: a missing or unreadable file, a full disk, a read-only folder: the message names the file
+    # FloatingPointError: sampling produced NaN pixels (DALLE2.generate refuses to return them)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, OSError, FloatingPointError)
 
 
 def main_wrapper(main: Callable[[list[str] | None], object]):
@@ -25,14 +29,26 @@ def main_wrapper(main: Callable[[list[str] | None], object]):
     def run(argv=None):
         try:
             return main(argv)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130)
+        except KeyboardInterrupt as e:
+            terminated = type(e).__name__ == "Terminated"  # SIGTERM, see training.sigterm_as_interrupt
+            print("terminated" if terminated else "interrupted", file=sys.stderr)
+            raise SystemExit(143 if terminated else 130)
         except known_errors() as e:
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
             print(f"error: {msg}", file=sys.stderr)
             raise SystemExit(2)
     return run
+
+
+def _minutes(text: str) -> float:
+    """--time-limit: a finite number of minutes >= 0 (nan would never stop, a negative one at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of minutes >= 0, got {text!r}")
+    return value
 
 
 def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
@@ -42,9 +58,11 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="run folder shared by all stages (default: runs/); "
                    f"writes OUT/{stage}.pt and OUT/{stage}/")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{stage}/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help=f"delete an earlier {stage} run in OUT "
+                   f"({stage}.pt, {stage}/checkpoint.pt, its metrics) and train from scratch")
     p.add_argument("--device", default="auto", help="auto (CUDA, else mps, else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--quiet", action="store_true", help="do not print the resolved config")
-    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+    p.add_argument("--time-limit", type=_minutes, default=None, metavar="MINUTES",
                    help="stop after this many minutes as if training had finished (final checkpoint, evaluation)")
     p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
                    help=f"size the run to this many minutes of training (sets {stage}.train.budget_minutes): "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field
@@ -219,13 +220,18 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     if typ is float:
         if isinstance(value, bool):
             raise bad("a number")
+        f = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            f = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                f = float(value)
             except ValueError:
                 pass
+        if f is not None and not math.isfinite(f):
+            raise bad("a finite number")  # nan and inf pass every min/max comparison
+        if f is not None:
+            return f
         raise bad("a number")
     if typ is str:
         if isinstance(value, str):
@@ -308,7 +314,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. clip.train.lr=3e-4")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                          f"quote it, e.g. --set '{key.strip()}=\"...\"'") from None
 
 
 def load_config(path: str | os.PathLike | None = None, preset: Optional[str] = None,
@@ -317,9 +327,15 @@ def load_config(path: str | os.PathLike | None = None, preset: Optional[str] = N
     path = Path(path) if path else DEFAULT_CONFIG
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not a text (UTF-8) file ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -383,6 +399,30 @@ def check_consistency(cfg: Config, source: str) -> Config:
 def config_from_dict(data: dict, source: str) -> Config:
     """A Config from a dict saved in a checkpoint; keys unknown to this version are an error."""
     return _build(Config, data, "", source)
+
+
+# Where the data lives, as opposed to what it is (image size, variant): these come from the user's own
+# config (--config / --preset / --set), never from a checkpoint, which is a downloaded file like any other.
+DATA_LOCATION_KEYS = ("dataset", "root", "captions_file", "download")
+
+
+def data_config_for_checkpoint(saved: Config, args: Optional[argparse.Namespace] = None) -> DataConfig:
+    """The data to evaluate a checkpoint on: its saved data config (with --set applied) for what the
+    data is, and the user's config for where it is: DATA_LOCATION_KEYS from --config (default:
+    model_config.yml) at --preset (default: the checkpoint's preset name when that file has it,
+    else the default preset) with --set. A checkpoint naming another dataset or folder is ignored."""
+    path, preset = getattr(args, "config", None), getattr(args, "preset", None)
+    overrides = list(getattr(args, "overrides", None) or [])
+    if preset is None:
+        try:
+            raw = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text(encoding="utf-8")) or {}
+            known = set((raw.get("presets") or {}) if isinstance(raw, dict) else {})
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            known = set()  # load_config below names the problem
+        preset = saved.preset if saved.preset in known else None
+    user = load_config(path, preset, overrides).data
+    saved_data = apply_overrides(saved, overrides, "checkpoint config").data
+    return dataclasses.replace(saved_data, **{k: getattr(user, k) for k in DATA_LOCATION_KEYS})
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from dalle2.cli import main_wrapper
+from dalle2.config import add_config_args
 from dalle2.training import pick_device
 
 DIVERSITY_CAPTIONS = 16  # captions drawn several times for the diversity figures
@@ -163,14 +164,18 @@ def reference_figures(real: RealFeatures, seed: int = 0) -> dict:
 
 
 def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file: Optional[str], split: str,
-                    sets: list[str], reader_cache: Optional[str] = None):
-    """The model, the reader (shapes only), the prompt sets and the real images to compare with."""
+                    sets: list[str], reader_cache: Optional[str] = None, config_args=None):
+    """The model, the reader (shapes only), the prompt sets and the real images to compare with.
+    The data's location comes from `config_args` (--config/--preset/--set), never from the checkpoints;
+    the data config used is `model.data_config`."""
+    from dalle2.config import data_config_for_checkpoint
     from dalle2.unclip import DALLE2
     from data.datasets import load_dataset
     model = DALLE2.from_pretrained(checkpoints).to(device).eval()  # a run folder or an export
     cfg = model.decoder.config
-    test = load_dataset(cfg.data, split, generate_missing=False)
-    train = load_dataset(cfg.data, "train", generate_missing=False)
+    model.data_config = data_config_for_checkpoint(cfg, config_args)
+    test = load_dataset(model.data_config, split, generate_missing=False)
+    train = load_dataset(model.data_config, "train", generate_missing=False)
     n = min(limit or len(test), len(test))
     prompt_sets = {}
     if prompts_file:
@@ -179,7 +184,7 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
     else:
         prompt_sets["test"] = [test.caption_of(i) for i in range(n)]
     reader = None
-    if cfg.data.dataset == "shapes":
+    if model.data_config.dataset == "shapes":
         from dalle2.faithfulness import prompt_sets as extra_sets
         from dalle2.reader import AttributeReader
         reader = AttributeReader.default(cfg.data.image_size, cache_dir=reader_cache, progress=True)
@@ -219,17 +224,18 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--inception", default=None, help="path of torchvision Inception-v3 weights (optional)")
     p.add_argument("--reader-cache", default=None, help="folder for the cached attribute reader")
+    add_config_args(p)  # where the data is: the user's config, never the checkpoints'
     args = p.parse_args(argv)
     from dalle2.report import write_report
     device = pick_device(args.device)
     limit = args.limit or (None if device.type == "cuda" else 200)
     model, reader, prompt_sets, real_test, real_train = load_everything(
         args.checkpoints, device, limit, args.prompts, args.split, [s for s in args.sets.split(",") if s],
-        args.reader_cache)
+        args.reader_cache, config_args=args)
     settings = {k: v for k, v in dict(guidance_scale=args.guidance_scale, prior_guidance_scale=args.prior_guidance_scale,
                                       steps=args.steps, prior_steps=args.prior_steps,
                                       batch_size=args.batch_size).items() if v is not None}
-    report = {"checkpoints": str(args.checkpoints), "data": model.decoder.config.data.root,
+    report = {"checkpoints": str(args.checkpoints), "data": model.data_config.root,
               "sampling": {**vars(model.sampling), **settings}, "device": str(device)}
     if reader is not None:
         from dalle2.reader import format_accuracy, reader_accuracy

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from clip.evaluate import heldout_mask, true_caption_hits
 from dalle2.report import format_table
 from dalle2.cli import main_wrapper
-from dalle2.config import apply_overrides
+from dalle2.config import add_config_args, apply_overrides, data_config_for_checkpoint
 from dalle2.embeddings import Embeddings, check_same_clip, load_clip_for_stage, load_or_compute
 from dalle2.training import pick_device
 from data.datasets import CaptionedImages, load_dataset
@@ -150,8 +150,7 @@ def main(argv=None):
     p.add_argument("--guidance-scale", type=float, default=None, help="default: sampling.prior_guidance_scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's data config, e.g. --set data.root=/path/to/shapes")
+    add_config_args(p)  # where the data is: the user's config, never the checkpoint's (see data_config_for_checkpoint)
     args = p.parse_args(argv)
     from dalle2.prior import DiffusionPrior
     device = pick_device(args.device)
@@ -160,7 +159,7 @@ def main(argv=None):
     clip, clip_hash = load_clip_for_stage(Path(args.clip) if args.clip else ckpt.parent / "clip.pt", device)
     check_same_clip(prior, clip)
     cfg = apply_overrides(prior.config, args.overrides, str(ckpt))
-    ds = load_dataset(cfg.data, args.split, generate_missing=False)
+    ds = load_dataset(data_config_for_checkpoint(prior.config, args), args.split, generate_missing=False)
     emb = load_or_compute(clip, clip_hash, ds, ckpt.parent / "cache", args.split)
     result = evaluate_prior(prior, emb, ds, steps=args.steps,
                             candidates=args.candidates or cfg.sampling.candidates,

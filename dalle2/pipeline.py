@@ -77,6 +77,7 @@ def main(argv=None):
         eval_args = ["--checkpoints", str(out), "--out", str(out / "report"), "--device", args.device]
         if args.eval_n:
             eval_args += ["--limit", str(args.eval_n)]
+        eval_args += common[common.index("--quiet") + 1:]  # the data's location: this config, not the checkpoints'
         report = evaluate.main(eval_args)
         print(f"[5/5] evaluation: {out / 'report' / 'report.md'} ({time.perf_counter() - t0:.0f} s)")
 

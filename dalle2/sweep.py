@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from dalle2.cli import main_wrapper
+from dalle2.config import add_config_args
 from dalle2.evaluate import RealFeatures, evaluate_settings, load_everything
 from dalle2.files import atomic_write_text
 from dalle2.training import pick_device
@@ -69,12 +70,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--reader-cache", default=None)
+    add_config_args(p)  # where the data is: the user's config, never the checkpoints'
     args = p.parse_args(argv)
     from dalle2.plots import scatter_plot
     device = pick_device(args.device)
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(
-        args.checkpoints, device, limit, None, "test", [], args.reader_cache)
+        args.checkpoints, device, limit, None, "test", [], args.reader_cache, config_args=args)
     real = RealFeatures.compute(model, real_test, real_train)  # once: every setting is compared with them
     grid = list(itertools.product(_floats(args.guidance), _floats(args.prior_guidance),
                                   [int(s) for s in args.steps.split(",") if s.strip()]))

@@ -20,7 +20,7 @@ from dalle2.cli import main_wrapper, training_parser
 from dalle2.decoder import build_decoder
 from dalle2.embeddings import prepare_stage
 from dalle2.images import captioned_grid, save_image_atomic, to_pil
-from dalle2.training import Trainer, cleanup_distributed
+from dalle2.training import Trainer, cleanup_distributed, init_seed
 from data.datasets import StepBatches, to_float
 
 GRID_IMAGES = 8
@@ -31,6 +31,7 @@ def main(argv=None):
     try:
         dist, cfg, clip, clip_hash, train, test, emb_train, emb_test = prepare_stage(args)
         dev, tc = dist.device, cfg.decoder.train
+        init_seed(tc)  # same config, same initial weights
         decoder = build_decoder(cfg, clip.tokenizer.vocab_size)
         if dist.is_main:
             print(f"decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M parameters, "
@@ -72,7 +73,7 @@ def main(argv=None):
             grid = captioned_grid(real + fake, ["(real) " + c for c in grid_caps] + grid_caps, cols=n)
             save_image_atomic(grid, samples_dir / f"step_{step:07d}.png")
 
-        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit, sample=sample)
+        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit, sample=sample)
     finally:
         cleanup_distributed()
 

@@ -15,7 +15,7 @@ from dalle2.cli import main_wrapper, training_parser
 from dalle2.embeddings import prepare_stage
 from dalle2.evaluate_prior import evaluate_prior
 from dalle2.prior import build_prior
-from dalle2.training import Trainer, cleanup_distributed
+from dalle2.training import Trainer, cleanup_distributed, init_seed
 from data.datasets import StepBatches
 
 
@@ -24,6 +24,7 @@ def main(argv=None):
     try:
         dist, cfg, clip, clip_hash, train, test, emb_train, emb_test = prepare_stage(args)
         dev, tc = dist.device, cfg.prior.train
+        init_seed(tc)  # same config, same initial weights
         prior = build_prior(cfg)
         if dist.is_main:
             print(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, "
@@ -47,7 +48,7 @@ def main(argv=None):
                                   candidates=cfg.sampling.candidates,
                                   guidance_scale=cfg.sampling.prior_guidance_scale, seed=0)
 
-        trainer.fit(get_batch, resume=args.resume, time_limit=args.time_limit, evaluate=evaluate)
+        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit, evaluate=evaluate)
     finally:
         cleanup_distributed()
 

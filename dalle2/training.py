@@ -15,11 +15,14 @@ the model's `loss(**batch)` returns a scalar loss. Run folder layout (`--out DIR
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,9 +32,19 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import FORMAT, atomic_torch_save, load_checkpoint
+from .checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from .config import Config, TrainConfig, save_config
+from .files import FolderLock, atomic_write_text, clean_orphans
 from .report import format_table
+
+
+MAX_SANE_WEIGHT = 1e6  # no weight of a working model gets near this; a diverged one passes it before going inf
+
+
+def init_seed(tc: TrainConfig) -> None:
+    """Seed the global RNG before a stage builds its model, so the same config gives the same
+    initial weights (the step seeds take over once training starts)."""
+    torch.manual_seed(_step_seed(tc.seed, -1, 0))
 
 
 class TrainingError(Exception):
@@ -256,6 +269,72 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2 ** 63)
 
 
+def trim_metrics(path: Path, step: int, say: Callable[[str], None] = print) -> None:
+    """Keep the metrics.jsonl lines up to `step` (a resumed run logs the rest again). A line that is
+    not JSON (torn by a crash or a full disk) is dropped with a note; the rewrite is atomic."""
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if torn:
+        say(f"note: {path}: dropped {torn} unreadable line(s) (a write cut short)")
+    atomic_write_text(path, "".join(l + "\n" for l in kept))
+
+
+# --- guarding a run folder ---------------------------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted or killed job), handled exactly like Ctrl-C: save, then exit."""
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM raises Terminated (a KeyboardInterrupt), so the Ctrl-C path saves."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def guarded(fit):
+    """Wraps Trainer.fit with what must hold around any training run, on rank 0:
+
+    - a lock on OUT/<stage>/ (holder's pid inside; a dead holder's lock is taken over), so a second
+      run into the same folder is refused with a message naming the folder and the pid;
+    - temporary files left by killed atomic writes are deleted;
+    - without `resume`, a folder that already holds this stage (final model or resume checkpoint)
+      is refused: say --resume, or `overwrite=True` (--overwrite) to delete them and start a fresh log;
+    - SIGTERM is treated like Ctrl-C (save, then exit)."""
+    @functools.wraps(fit)
+    def run(self, *args, overwrite: bool = False, **kwargs):
+        lock = FolderLock(self.run_dir, f"the {self.stage} training") if self.dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            if lock is not None:
+                self._prepare_run_folder(bool(kwargs.get("resume")), overwrite)
+            with sigterm_as_interrupt():
+                return fit(self, *args, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+    return run
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 class Trainer:
@@ -319,6 +398,7 @@ class Trainer:
     def save(self, final: bool = False) -> None:
         if not self.dist.is_main:
             return
+        self._check_sane_weights()  # never replace the last good checkpoint with diverged weights
         atomic_torch_save(self._payload(final=False), self.resume_path)
         if final:
             atomic_torch_save(self._payload(final=True), self.final_path)
@@ -328,6 +408,7 @@ class Trainer:
         if not self.resume_path.exists():
             return False
         ckpt = load_checkpoint(self.resume_path, stage=self.stage)
+        self._check_resumable(ckpt)
         saved, now = ckpt["config"], asdict(self.cfg)
         checks = [(f"{self.stage}.model", now[self.stage]["model"], saved.get(self.stage, {}).get("model")),
                   ("data.image_size", now["data"]["image_size"], saved.get("data", {}).get("image_size")),
@@ -350,10 +431,19 @@ class Trainer:
             self.total_steps, self.sized = int(ckpt["budget_steps"]), True
         self.extra = {**(ckpt.get("extra") or {}), **self.extra}
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the saved step
-            lines = [l for l in self.metrics_path.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if json.loads(l).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(l + "\n" for l in kept))
+            trim_metrics(self.metrics_path, self.step, self.print)
         return True
+
+    def _check_resumable(self, ckpt: dict) -> None:
+        """A resume checkpoint must hold the training state, and the vocabulary of this run."""
+        missing = [k for k in ("raw_model", "optimizer", "rng", "config") if k not in ckpt]
+        if missing:
+            raise TrainingError(f"{self.resume_path}: not a resume checkpoint (no {', '.join(missing)}): a final model "
+                                f"file such as {self.final_path.name} cannot be resumed; use --overwrite to train again")
+        mine = self.tokenizer.state_dict() if self.tokenizer is not None else None
+        if ckpt.get("tokenizer") is not None and mine is not None and ckpt["tokenizer"] != mine:
+            raise TrainingError(f"{self.resume_path}: the checkpoint's vocabulary (tokenizer) differs from this run's: "
+                                f"the training captions changed; resume on the same data, or use --overwrite or another --out")
 
     # -- logging --
     def log(self, record: dict) -> None:
@@ -373,7 +463,24 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(text)
 
+    # -- the run folder (see guarded) --
+    def _prepare_run_folder(self, resume: bool, overwrite: bool) -> None:
+        for folder in (self.out, self.run_dir, self.run_dir / "samples", self.out / "cache"):
+            clean_orphans(folder)
+        held = [p for p in (self.final_path, self.resume_path) if p.exists()]
+        if held and not resume and not overwrite:
+            raise TrainingError(
+                f"{self.out} already holds a {self.stage} run ({', '.join(map(str, held))}): continue it with "
+                f"--resume, or start again with --overwrite (deletes them); or choose another --out")
+        if held and resume and not overwrite and not self.resume_path.exists():
+            raise TrainingError(f"{self.final_path} exists but {self.resume_path} (the resume checkpoint) does not: "
+                                f"nothing to continue; use --overwrite to train again, or another --out")
+        if overwrite or not self.resume_path.exists():  # starting from step 0: a fresh log
+            for p in (*held, self.metrics_path):
+                p.unlink(missing_ok=True)
+
     # -- the loop --
+    @guarded
     def fit(self, get_batch: Callable[[int], dict], *, resume: bool = False,
             evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
             sample: Optional[Callable[[nn.Module, int], None]] = None,
@@ -551,6 +658,23 @@ class Trainer:
                 self.scaler.scale(loss * (n / total)).backward()
             loss_sum += loss.detach().float() * (n / total)
         return loss_sum
+    def _check_sane_weights(self) -> None:
+        """Refuse to save weights that are non-finite or beyond MAX_SANE_WEIGHT (a divergence the
+        loss has not shown yet: it was computed before the optimizer step that blew them up)."""
+        for label, module in (("weights", self.model), ("EMA weights", self.ema.model if self.ema else None)):
+            if module is None:
+                continue
+            params = [p.detach() for p in module.parameters() if p.numel()]
+            peaks = torch.stack([p.abs().max().float() for p in params]) if params else torch.zeros(1)
+            worst = peaks.max().item()  # nan propagates through max
+            if not math.isfinite(worst) or worst > MAX_SANE_WEIGHT:
+                name = [n for n, p in module.named_parameters() if p.numel()][int(torch.nan_to_num(peaks, nan=math.inf).argmax())]
+                try:
+                    kept = f"the last good checkpoint ({self.resume_path}, step {load_checkpoint(self.resume_path)['step']}) is kept"
+                except CheckpointError:
+                    kept = "there is no earlier checkpoint"
+                raise TrainingError(f"[{self.stage}] the {label} diverged before step {self.step} (max |{name}| = "
+                                    f"{worst:.3g}): not saved; {kept}. Try a lower --set {self.stage}.train.lr, then --resume.")
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if bool(bad):

@@ -149,6 +149,8 @@ class DALLE2(nn.Module):
             images.append(x.cpu())
             embs.append(image_emb.float().cpu())
         out = torch.cat(images)
+        if not torch.isfinite(out).all():  # NaN pixels would be saved as black images without a word
+            raise FloatingPointError("sampling produced NaN/inf pixels: check guidance_scale, steps and the checkpoints")
         return (out, torch.cat(embs)) if return_embeddings else out
 
     def _generate_batch(self, texts, seed, guidance_scale, prior_guidance_scale, steps, prior_steps, sampler, eta,

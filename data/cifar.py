@@ -3,7 +3,9 @@
 Reads root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} itself (pickled dicts:
 b"data" uint8 (N, 3072) as R, G, B planes of 32x32 row-major, b"labels", b"label_names"), so a
 folder is accepted without torchvision's md5 checks; torchvision is used only to download.
-The pickles are trusted input, as with torchvision: only load CIFAR folders you obtained yourself.
+The pickles are read with a restricted unpickler that builds only what the format uses (dicts, lists,
+bytes, str, numbers and numpy arrays); any other object in a file is refused with a message, so a
+planted file cannot run code.
 
 Captions follow CLIP's zero-shot prompts (Radford et al. 2021, sec. 3.1.4): "a photo of a {}".
 Train images get every template as a caption variant (sample() draws one each time); test images
@@ -55,10 +57,40 @@ def _get(d: dict, key: str):
     return d[key.encode()] if key.encode() in d else d[key]
 
 
+# The only globals a CIFAR-10 batch refers to: numpy's array and dtype reconstruction (numpy 1 and 2
+# module names; _frombuffer is what protocol-5 pickles of arrays use) and the codec Python 3 uses for
+# bytes in protocol 2. Containers, bytes, str and numbers need no globals at all.
+SAFE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """A CIFAR-10 file asked for an object the format never contains."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in SAFE_GLOBALS:
+            raise UnsafePickle(f"it refers to {module}.{name}, which a CIFAR-10 batch never contains "
+                               f"(refused: loading it could run code)")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(f):
+    """pickle.load restricted to SAFE_GLOBALS, with Python 2 strings read as bytes."""
+    return _CifarUnpickler(f, encoding="bytes").load()
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = safe_unpickle(f)
+    except UnsafePickle as e:
+        raise DatasetError(f"CIFAR-10 file {path} is not a plain CIFAR batch: {e}") from None
     except Exception as e:
         raise DatasetError(f"cannot read CIFAR-10 file {path}: {e}") from e
     if not isinstance(d, dict):

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dalle2.files import atomic_write
+from dalle2.files import atomic_write, clean_orphans
 
 SPLITS = ("train", "test")
 DATASETS = ("shapes", "cifar10", "folder")
@@ -290,12 +291,46 @@ def cached_images(cache_file: Path, key: dict, shape: tuple, build: Callable[[],
     arr = build()
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
+        clean_orphans(cache_file.parent)  # temporary files of a rebuild that was killed
         # Array first, key second: a key only ever describes an array that is already complete.
         atomic_write(cache_file, lambda f: np.save(f, arr))
         atomic_write(key_file, lambda f: f.write(json.dumps(key, sort_keys=True).encode()))
     except OSError as e:
         print(f"note: could not write the image cache {cache_file}: {e}")
     return arr
+
+
+def inside_folder(root: Path, name: str, listed_in: Path) -> Path:
+    """`root / name` if it is a regular file inside `root` once symlinks are resolved, else a
+    DatasetError. Absolute paths, `..` and symlinks out of the folder are refused before anything
+    outside is looked at (so the message never tells whether some other file exists); FIFOs,
+    devices and folders are refused without being opened (reading a FIFO would hang)."""
+    base = root.resolve()
+    try:
+        path = (base / name).resolve()
+    except (ValueError, OSError):  # a NUL byte, a symlink loop
+        raise DatasetError(f"{listed_in} lists {name!r}, which is not a usable file name") from None
+    if os.path.isabs(name) or path != base and base not in path.parents:
+        raise DatasetError(f"{listed_in} lists {name!r}, which is outside the dataset folder {root}: image "
+                           f"paths must be relative and stay inside it (symlinks out of it are refused)")
+    try:
+        st = path.stat()
+    except OSError:
+        raise DatasetError(f"image file not found: {root / name} (listed in {listed_in})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DatasetError(f"{root / name} (listed in {listed_in}) is not a regular file")
+    return path
+
+
+def files_digest(paths: list, entries: Optional[dict] = None) -> str:
+    """sha1 of every file's name, size and mtime (ns), in order: what changes when any source image
+    is replaced, edited or touched. `entries` ({name: os.DirEntry}) saves a stat call per file."""
+    digest = hashlib.sha1()
+    for p in paths:
+        e = entries.get(p.name) if entries else None
+        st = e.stat(follow_symlinks=False) if e is not None and Path(e.path) == p else p.stat()
+        digest.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def file_stamp(path: Path) -> dict:
@@ -309,6 +344,8 @@ def file_stamp(path: Path) -> dict:
 def jsonl_objects(path: Path):
     """Yield (line number, object) for each non-blank line of a JSONL file; a line that is not a
     JSON object is a DatasetError naming the file and line."""
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        raise DatasetError(f"{path} is not a regular file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -352,10 +389,18 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         if not generate_missing:
             raise DatasetError(f"shapes dataset not found: {meta} does not exist (generate it with "
                                f"`python data/shapes.py --out {root}`)")
+        from dalle2.files import LockError
+        from .shapes import NotOurFolder, check_output_folder, generate  # lazy: only needed on first use
+        try:
+            check_output_folder(root)
+        except NotOurFolder as e:
+            raise DatasetError(f"shapes dataset not found: {meta} does not exist, and {e}") from None
         print(f"shapes dataset not found at {root}: generating it ({n_train} train / {n_test} test, "
               f"variant {variant}, seed {seed})")
-        from .shapes import generate  # lazy: only needed on first use
-        generate(root, variant=variant, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
+        try:
+            generate(root, variant=variant, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
+        except (NotOurFolder, LockError) as e:
+            raise DatasetError(str(e)) from None
         if not meta.exists():
             raise DatasetError(f"generating the shapes dataset did not create {meta}")
 
@@ -364,10 +409,10 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         raise DatasetError(f"{meta} has no records: the {split} split is empty")
     # One directory listing instead of 20k stat calls: it checks every listed PNG exists (naming a
     # missing one before any decoding starts) and counts the files for the cache key.
-    present = {e.name for e in os.scandir(split_dir) if e.is_file()}
+    present = {e.name: e for e in os.scandir(split_dir) if e.is_file(follow_symlinks=False)}
     for r in records:
-        if r["file"] not in present and not (split_dir / r["file"]).is_file():
-            raise DatasetError(f"image file not found: {split_dir / r['file']} (listed in {meta})")
+        if r["file"] not in present:  # not a plain file in the folder: a path, a symlink, a FIFO, missing
+            inside_folder(split_dir, r["file"], meta)
     n_png = sum(1 for name in present if name.endswith(".png"))
     paths = [split_dir / r["file"] for r in records]
     expected = n_train if split == "train" else n_test
@@ -375,7 +420,8 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         print(f"note: {split_dir} has {len(records)} images (config asks for {expected}); "
               f"using the files on disk")
 
-    key = {"n_files": n_png, "n_records": len(records), "metadata": file_stamp(meta), "image_size": image_size}
+    key = {"n_files": n_png, "n_records": len(records), "metadata": file_stamp(meta), "image_size": image_size,
+           "files": files_digest(paths, present)}  # a PNG replaced in place changes its size or mtime
     images = cached_images(split_dir / ".cache" / f"images_{image_size}.npy", key,
                            (len(records), 3, image_size, image_size),
                            lambda: decode_images(paths, image_size, f"decoding {split_dir}", progress))
@@ -542,13 +588,10 @@ def load_folder(root, split: str, image_size: int = 32, captions_file: str = "ca
     chosen = [(img, caps) for img, (s, caps) in images.items() if s == split]
     if not chosen:
         raise DatasetError(f"{cap_path}: no images in the {split} split")
-    paths = [root / img for img, _ in chosen]
+    paths = [inside_folder(root, img, cap_path) for img, _ in chosen]  # also names a missing image
     digest = hashlib.sha1()
-    for p in paths:  # also names a missing image before any decoding starts
-        try:
-            st = p.stat()
-        except OSError:
-            raise DatasetError(f"image file not found: {p} (listed in {cap_path})") from None
+    for p in paths:
+        st = p.stat()
         digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     key = {"files": digest.hexdigest(), "n": len(paths), "image_size": image_size}
     arr = cached_images(root / ".cache" / f"{split}_{image_size}.npy", key,

@@ -284,6 +284,31 @@ def _write_split(folder: Path, n: int, rng: random.Random, variant: str, allow_h
         f.writelines(lines)
 
 
+MARKER = ".shapes-dataset"  # written by generate(): this folder is the generator's own to replace
+
+
+class NotOurFolder(ValueError):
+    """The output folder holds files the generator did not write: they are never replaced."""
+
+
+def check_output_folder(out) -> None:
+    """Refuse to generate into a folder unless it does not exist, is empty, or was made by
+    generate() (it holds MARKER): anything else may be someone's own data, and generating renames
+    its train/ and test/ away."""
+    out = Path(out)
+    if not out.exists() or (out / MARKER).is_file():
+        return
+    if not out.is_dir():
+        raise NotOurFolder(f"{out} exists and is not a folder: cannot generate the shapes dataset there")
+    entries = sorted(e.name for e in os.scandir(out))
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise NotOurFolder(
+            f"{out} already holds files the shapes generator did not write ({shown}); nothing was changed. "
+            f"If this is your own data, set data.dataset=folder (or cifar10); otherwise point data.root "
+            f"(or --out) at a new folder, or delete {out} yourself to regenerate there")
+
+
 def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 2000, seed: int = 0,
              progress: bool = True) -> Path:
     """Generate DIR/train and DIR/test. Same arguments give byte-identical files. Returns DIR.
@@ -299,7 +324,26 @@ def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be >= 0")
     out = Path(out)
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by data/shapes.py: generate() may replace train/ and test/ here\n")
+    from dalle2.files import FolderLock  # lazy, like preview(): generating pulls in nothing else
+    with FolderLock(out, "shapes generation"):
+        _clean_split_orphans(out)
+        return _generate_locked(out, variant, n_train, n_test, seed, progress)
+
+
+def _clean_split_orphans(out: Path) -> None:
+    """Remove temporary split folders left by a killed generation (their pid is dead)."""
+    from dalle2.files import pid_alive
+    for path in out.glob(".*.*-*"):
+        tail = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and tail.isdigit() and not pid_alive(int(tail)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _generate_locked(out: Path, variant: str, n_train: int, n_test: int, seed: int, progress: bool) -> Path:
+    """generate()'s work, with the folder checked and locked."""
     jobs = {  # split: (size, may contain hold-out pairs, forced first objects)
         "train": (n_train, False, ()),
         "test": (n_test, True, forced_holdout(variant)),
@@ -374,11 +418,14 @@ def main(argv=None) -> None:
     if args.preview is not None and args.n_test == 0:
         parser.error("--preview needs --n-test > 0")
 
+    from dalle2.files import LockError
     try:
         out = generate(args.out, args.variant, args.n_train, args.n_test, args.seed,
                        progress=not args.no_progress)
     except OSError as e:
         raise SystemExit(f"error: cannot write the dataset to {args.out}: {e.strerror or e}")
+    except (NotOurFolder, LockError) as e:
+        raise SystemExit(f"error: {e}")
     print(f"wrote {args.n_train} train and {args.n_test} test images to {out}")
     if args.preview is not None:
         try:

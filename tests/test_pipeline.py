@@ -42,6 +42,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("already trained") == 3
 
-    summary = sweep(["--checkpoints", str(out), "--guidance", "1,3", "--steps", "4", "--limit", "8"])
+    summary = sweep(["--checkpoints", str(out), "--guidance", "1,3", "--steps", "4", "--limit", "8",
+                     *tiny_overrides(tmp_path / "shapes")])
     assert len(summary["results"]) == 2 and summary["recommended"]["guidance_scale"] in (1.0, 3.0)
     assert (out / "sweep" / "sweep.png").is_file() and (out / "sweep" / "sweep.json").is_file()

@@ -251,7 +251,8 @@ def read_split(root, split):
 
 
 def test_generate_layout_and_metadata(small_dataset):
-    assert sorted(p.name for p in small_dataset.iterdir()) == ["test", "train"]  # no temp folders left
+    # no temp folders or lock left; the marker says the generator owns this folder
+    assert sorted(p.name for p in small_dataset.iterdir()) == [".shapes-dataset", "test", "train"]
     for split, n in (("train", 150), ("test", 50)):
         records = read_split(small_dataset, split)
         assert len(records) == n
@@ -304,10 +305,10 @@ def test_generate_replaces_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         generate(root, variant="objects", n_train=20, n_test=10, seed=1, progress=False)
     assert tree_hashes(root) == before  # the old splits are untouched, no half-written one
-    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in root.iterdir()) == [".shapes-dataset", "test", "train"]
     monkeypatch.setattr(shapes, "render", real_render)
     generate(root, variant="objects", n_train=8, n_test=6, seed=1, progress=False)
-    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in root.iterdir()) == [".shapes-dataset", "test", "train"]
     assert len(list((root / "train").glob("*.png"))) == 8  # the old 20 were replaced, not merged
 
 
