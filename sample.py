@@ -5,7 +5,9 @@
     python sample.py --prompts prompts.txt --guidance-scale 3 --steps 50 --seed 0
 
 Writes OUT/0000.png, 0001.png, ... in prompt order (OUT/0000_0.png, 0000_1.png, ... with --n > 1) and
-OUT/grid.png with the captions under the images. Same seed, arguments and device: same images.
+OUT/grid.png with the captions under the images. Same caption, seed and settings: same image, whatever
+the other captions, the batch size and the device (each image draws its own noise). --seed 3 gives image
+m of a caption seed 3 + m; --seed 3,8,9 gives one seed per image.
 """
 from __future__ import annotations
 
@@ -14,7 +16,17 @@ import os
 from pathlib import Path
 
 from dalle2.cli import main_wrapper, read_prompts
+from dalle2.diffusion import SAMPLERS
 from dalle2.training import pick_device
+
+
+def seeds(text: str) -> int | list[int]:
+    """--seed: '3' -> 3, '3,8,9' -> [3, 8, 9]."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or a comma list of ints, got {text!r}") from None
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def check_writable(out: Path) -> None:
@@ -37,8 +49,10 @@ def main(argv=None):
     p.add_argument("--prior-guidance-scale", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="decoder sampling steps")
     p.add_argument("--prior-steps", type=int, default=None)
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddim, ddpm or dpmpp2m (DPM-Solver++(2M)); default: the checkpoint's sampling config")
+    p.add_argument("--seed", type=seeds, default=0,
+                   help="one int (image m of a caption gets seed + m), or a comma list with one seed per image")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off for many images)")
@@ -49,6 +63,8 @@ def main(argv=None):
         p.error("give at least one caption, or --prompts FILE")
     if args.n < 1:
         p.error("--n must be at least 1")
+    if isinstance(args.seed, list) and len(args.seed) != len(captions) * args.n:
+        p.error(f"--seed: {len(args.seed)} seeds for {len(captions) * args.n} images (give one per image, or one int)")
     out = Path(args.out)
     check_writable(out)
 
