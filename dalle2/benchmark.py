@@ -17,7 +17,7 @@ Targets (issue 12): >= 1,000 images/s at batch 256 on one H200, <= 0.1 s for one
 
 Before the timings it prints what one image costs at each setting whatever the hardware: GFLOP (matrix
 products and convolutions, torch.utils.flop_counter) and dispatched PyTorch operations (about one GPU
-kernel launch each, which is what bounds a single image on a GPU). Both are counted on runs of 2-3
+kernel launch each, which is what bounds a single image on a GPU). Both are counted on runs of 3-4
 steps and extrapolated to the setting's steps, since they grow linearly with the step count.
 """
 from __future__ import annotations
@@ -144,21 +144,28 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def cost_per_image(model, setting: dict, guidance: Optional[float]) -> dict:
-    """GFLOP and dispatched ops to generate one image at `setting`: fixed + per decoder step + per prior
-    step, counted at (2, 2), (3, 2) and (2, 3) steps with the setting's sampler and extrapolated."""
+def step_costs(model, sampler: str, guidance: Optional[float]):
+    """(fixed, per decoder step, per prior step) GFLOP and dispatched ops, each a (2,) tensor, of one image
+    with `sampler`: counted at (3, 3), (4, 3) and (3, 4) steps, so a DPM-Solver++ second-order update is
+    among the steps counted."""
     def count(dec_steps, pri_steps):
         kwargs = dict(steps=dec_steps, prior_steps=pri_steps, guidance_scale=guidance,
-                      prior_guidance_scale=guidance, sampler=setting["sampler"], batch_size=1)
+                      prior_guidance_scale=guidance, sampler=sampler, batch_size=1)
         with FlopCounterMode(display=False) as flops:
             model.generate(CAPTIONS[:1], **kwargs)
         with _OpCounter() as ops:  # on its own: nested inside the flop counter it would see fewer
             model.generate(CAPTIONS[:1], **kwargs)
         return torch.tensor([flops.get_total_flops() / 1e9, ops.ops], dtype=torch.float64)
 
-    base, more_dec, more_pri = count(2, 2), count(3, 2), count(2, 3)
-    per_dec, per_pri = more_dec - base, more_pri - base
-    total = base + (setting["steps"] - 2) * per_dec + (setting["prior_steps"] - 2) * per_pri
+    base, more_dec, more_pri = count(3, 3), count(4, 3), count(3, 4)
+    return base - 3 * (more_dec - base) - 3 * (more_pri - base), more_dec - base, more_pri - base
+
+
+def cost_per_image(setting: dict, costs) -> dict:
+    """GFLOP and dispatched ops to generate one image at `setting` from `step_costs`, extrapolated
+    linearly in the step counts."""
+    fixed, per_dec, per_pri = costs
+    total = fixed + setting["steps"] * per_dec + setting["prior_steps"] * per_pri
     return {"gflop": total[0].item(), "ops": total[1].item(), "decoder_gflop_per_step": per_dec[0].item(),
             "prior_gflop_per_step": per_pri[0].item(), "decoder_ops_per_step": per_dec[1].item(),
             "prior_ops_per_step": per_pri[1].item()}
@@ -214,7 +221,11 @@ def main(argv=None):
     model.lean({"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision])
     weights = next(model.decoder.unet.parameters()).dtype
     source += f", {str(weights).replace('torch.', '')} weights"
-    costs = [cost_per_image(model, s, args.guidance_scale) for s in settings] if args.cost else []
+    per_sampler = {}  # the per-step costs depend on the sampler, not on the step counts: count once each
+    if args.cost:
+        for sampler in dict.fromkeys(s["sampler"] for s in settings):
+            per_sampler[sampler] = step_costs(model, sampler, args.guidance_scale)
+    costs = [cost_per_image(s, per_sampler[s["sampler"]]) for s in settings] if args.cost else []
     if args.compile:
         model.compile()
         source += ", compiled"
