@@ -16,7 +16,10 @@ out=$(realpath -m "${1:?output folder}"); mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 # A private compile cache: a compile cut off by `timeout` must not leave half-written kernels for others.
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
+if [ -z "${TORCHINDUCTOR_CACHE_DIR:-}" ]; then
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d); trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
+fi
+export TORCHINDUCTOR_CACHE_DIR
 txt="$out/bench.txt"; jsonl="$out/bench.jsonl"
 log() { echo "=== $(date +%T) $*" | tee -a "$txt"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
