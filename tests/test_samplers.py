@@ -242,3 +242,15 @@ def test_networks_with_bf16_weights_get_bf16_inputs_and_float32_arithmetic():
     bf16 = run()
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)
+
+
+def test_guidance_interval_config_is_checked_at_load_time():
+    from dalle2.config import ConfigError, load_config
+    assert load_config().sampling.guidance_interval == [0.0, 1.0]
+    assert load_config(overrides=["sampling.guidance_interval=[0.2, 0.8]"]).sampling.guidance_interval == [0.2, 0.8]
+    for bad in ("[0.8, 0.2]", "[0.2, 1.5]", "[0.5]", "[-0.1, 0.5]"):
+        with pytest.raises(ConfigError, match="sampling.guidance_interval"):
+            load_config(overrides=[f"sampling.guidance_interval={bad}"])
+    with pytest.raises(ConfigError, match="sampling.sampler"):
+        load_config(overrides=["sampling.sampler=euler"])
+    assert load_config(overrides=["sampling.sampler=dpmpp2m"]).sampling.sampler == "dpmpp2m"
