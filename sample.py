@@ -5,9 +5,11 @@
     python sample.py --prompts prompts.txt --guidance-scale 3 --steps 50 --seed 0
 
 Writes OUT/0000.png, 0001.png, ... in prompt order (OUT/0000_0.png, 0000_1.png, ... with --n > 1) and
-OUT/grid.png with the captions under the images. Same seed, arguments and device: same images. Every
-PNG carries its caption and settings (seed, guidance, steps, sampler, the weights' hashes) as JSON in
-its "dalle2" text chunk, and OUT/samples.jsonl holds the same, one line per image.
+OUT/grid.png with the captions under the images. Same caption, seed and settings: same image, whatever
+the other captions, the batch size and the device (each image draws its own noise). --seed 3 gives image
+m of a caption seed 3 + m; --seed 3,8,9 gives one seed per image. Every PNG carries its caption and
+settings (seed, guidance, steps, sampler, the weights' hashes) as JSON in its "dalle2" text chunk, and
+OUT/samples.jsonl holds the same, one line per image.
 """
 from __future__ import annotations
 
@@ -17,7 +19,17 @@ import os
 from pathlib import Path
 
 from dalle2.cli import main_wrapper, read_prompts
+from dalle2.diffusion import SAMPLERS
 from dalle2.training import pick_device
+
+
+def seeds(text: str) -> int | list[int]:
+    """--seed: '3' -> 3, '3,8,9' -> [3, 8, 9]."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or a comma list of ints, got {text!r}") from None
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def check_writable(out: Path) -> None:
@@ -46,8 +58,10 @@ def sample_records(model, args, captions: list[str]) -> list[dict]:
         "device": str(model.device),
         "weights": {name: getattr(getattr(model, name), "checkpoint_hash", None) for name in ("clip", "prior", "decoder")},
     }
-    rows = [c for c in captions for _ in range(args.n)]
-    return [{"caption": c, "index": i, **common} for i, c in enumerate(rows)]
+    rows = [(c, m) for c in captions for m in range(args.n)]
+    # each image's own seed: generate(caption, seed=record["seed"]) remakes it alone
+    own = [args.seed[i] if isinstance(args.seed, list) else args.seed + m for i, (_, m) in enumerate(rows)]
+    return [{**common, "caption": c, "index": i, "seed": own[i]} for i, (c, _) in enumerate(rows)]
 
 
 MAX_IMAGES = 1024  # more than this asks for --yes: 100,000 images is hours of work and gigabytes
@@ -67,8 +81,9 @@ def check_args(args, n_images: int) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if not 0 <= args.seed <= SEED_MAX:
-        bad(f"--seed must be between 0 and {SEED_MAX}, got {args.seed}")
+    for seed in args.seed if isinstance(args.seed, list) else [args.seed + args.n - 1]:
+        if not 0 <= seed <= SEED_MAX:
+            bad(f"--seed must be between 0 and {SEED_MAX} (image m of a caption uses seed + m), got {seed}")
     if n_images > MAX_IMAGES and not args.yes:
         bad(f"{n_images} images asked for (--n {args.n} x {n_images // args.n} captions), more than "
             f"{MAX_IMAGES}: that can take hours; add --yes to draw them all (written as they are made, "
@@ -83,7 +98,9 @@ def write_streamed(model, captions: list, n: int, out: Path, args, kwargs: dict)
     grid, grid_caps, count = [], [], 0
     for start in range(0, len(captions), per_chunk):
         chunk = captions[start:start + per_chunk]
-        images = model.to_pil(model.generate(chunk, n_per_text=n, seed=args.seed + start, **kwargs))
+        # each image's noise depends on its caption, seed and number, not its place: chunks match one call
+        seed = args.seed[start * n:(start + len(chunk)) * n] if isinstance(args.seed, list) else args.seed
+        images = model.to_pil(model.generate(chunk, n_per_text=n, seed=seed, **kwargs))
         for j, img in enumerate(images):
             i, k = start + j // n, j % n
             save_image_atomic(img, out / (f"{i:04d}.png" if n == 1 else f"{i:04d}_{k}.png"))
@@ -107,8 +124,10 @@ def main(argv=None):
     p.add_argument("--prior-guidance-scale", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="decoder sampling steps")
     p.add_argument("--prior-steps", type=int, default=None)
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddim, ddpm or dpmpp2m (DPM-Solver++(2M)); default: the checkpoint's sampling config")
+    p.add_argument("--seed", type=seeds, default=0,
+                   help="one int (image m of a caption gets seed + m), or a comma list with one seed per image")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (CUDA, else mps, else CPU) | cpu | cuda | mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first (pays off for many images)")
@@ -120,6 +139,8 @@ def main(argv=None):
         p.error("give at least one caption, or --prompts FILE")
     if args.n < 1:
         p.error("--n must be at least 1")
+    if isinstance(args.seed, list) and len(args.seed) != len(captions) * args.n:
+        p.error(f"--seed: {len(args.seed)} seeds for {len(captions) * args.n} images (give one per image, or one int)")
     check_args(args, len(captions) * args.n)
     out = Path(args.out)
     check_writable(out)

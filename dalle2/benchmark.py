@@ -2,24 +2,31 @@
 
     python -m dalle2.benchmark                                   # shapes32-sized models, random weights
     python -m dalle2.benchmark --checkpoints runs                # trained models
-    python -m dalle2.benchmark --preset tiny --device cpu --batch-sizes 8 --single 0
+    python -m dalle2.benchmark --preset tiny --device cpu --batch-sizes 8 --single 1
+    python -m dalle2.benchmark --settings default,ddim:50:50,dpmpp2m:15:15 --jsonl bench.jsonl
 
 Speed does not depend on the weights, so without checkpoints the models are built at the preset's
-sizes with random weights. Each row: prior with `candidates` samples per caption and decoder, both
-with DDIM and classifier-free guidance, at `--steps` steps; one warm-up run is not timed.
-Targets (issue 5): >= 500 images/s at batch 256 on one GPU, < 0.5 s for a single 32x32 image,
-8 tiny-preset images in < 30 s on a 2-core CPU.
+sizes with random weights. `--settings` lists what is timed: "default" (the sampling config: its
+sampler, steps and prior steps) and SAMPLER:STEPS[:PRIOR_STEPS] entries (default: the config and
+50-step DDIM). Each row is one setting and case (a single image, or a batch), with the seconds split
+per stage: prior (with `candidates` samples per caption) and decoder, both with classifier-free
+guidance as configured (or `--guidance-scale` for both); "other" is the CLIP text encoder and the
+glue. One warm-up run per row is not timed. On CUDA the networks run with bf16 weights and the
+decoder in channels_last (`DALLE2.lean`, `--precision fp32` to compare); fp32 on the CPU.
+Targets (issue 12): >= 1,000 images/s at batch 256 on one H200, <= 0.1 s for one image.
 
-Before the timings it prints what one image costs whatever the hardware: GFLOP (matrix products and
-convolutions, torch.utils.flop_counter) and dispatched PyTorch operations (about one GPU kernel launch
-each, which is what bounds a single image on a GPU). Both are counted on runs of 2-3 steps and
-extrapolated to `--steps`, since they grow linearly with the step count.
+Before the timings it prints what one image costs at each setting whatever the hardware: GFLOP (matrix
+products and convolutions, torch.utils.flop_counter) and dispatched PyTorch operations (about one GPU
+kernel launch each, which is what bounds a single image on a GPU). Both are counted on runs of 3-4
+steps and extrapolated to the setting's steps, since they grow linearly with the step count.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -54,20 +61,75 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_generate(model, n: int, batch_size: int, steps: int, prior_steps: int, guidance: float, repeats: int) -> float:
-    """Median seconds for generating n images."""
+def parse_settings(text: str, sampling) -> list[dict]:
+    """'default,ddim:50:50,dpmpp2m:15' -> [{"name", "sampler", "steps", "prior_steps"}, ...]; "default" is
+    the sampling config's; a missing PRIOR_STEPS is STEPS."""
+    from dalle2.diffusion import SAMPLERS
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if item == "default":
+            out.append({"name": f"default ({sampling.sampler} {sampling.steps}/{sampling.prior_steps})",
+                        "sampler": sampling.sampler, "steps": sampling.steps, "prior_steps": sampling.prior_steps})
+            continue
+        parts = item.split(":")
+        try:
+            sampler, steps, prior_steps = parts[0], int(parts[1]), int(parts[2] if len(parts) > 2 else parts[1])
+        except (IndexError, ValueError):
+            raise SystemExit(f"error: --settings {item!r}: expected default or SAMPLER:STEPS[:PRIOR_STEPS]") from None
+        if sampler not in SAMPLERS or len(parts) > 3 or min(steps, prior_steps) < 1:
+            raise SystemExit(f"error: --settings {item!r}: the sampler must be one of {', '.join(SAMPLERS)} "
+                             "and the step counts positive")
+        out.append({"name": f"{sampler} {steps}/{prior_steps}", "sampler": sampler, "steps": steps,
+                    "prior_steps": prior_steps})
+    return out
+
+
+class _StageTimer:
+    """Seconds spent in model.prior.sample and model.decoder.sample (device synchronised at each stage's
+    ends) while active; both stages are timed by wrapping the instances' bound methods."""
+
+    def __init__(self, model):
+        self.model, self.seconds = model, {"prior": 0.0, "decoder": 0.0}
+
+    def _wrap(self, stage, fn):
+        def timed(*args, **kwargs):
+            sync(self.model.device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(self.model.device)
+            self.seconds[stage] += time.perf_counter() - t0
+            return out
+        return timed
+
+    def __enter__(self):
+        for stage in self.seconds:
+            module = getattr(self.model, stage)
+            module.sample = self._wrap(stage, module.sample)
+        return self
+
+    def __exit__(self, *exc):
+        for stage in self.seconds:
+            del getattr(self.model, stage).sample  # back to the class's method
+
+
+def time_generate(model, n: int, batch_size: int, setting: dict, guidance: Optional[float], repeats: int) -> dict:
+    """Median seconds for generating n images at `setting`, in all and per stage:
+    {"seconds", "prior", "decoder", "other"} (the median run's split)."""
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
-    kwargs = dict(steps=steps, prior_steps=prior_steps, guidance_scale=guidance, prior_guidance_scale=guidance,
-                  sampler="ddim", batch_size=batch_size)
-    model.generate(captions, **kwargs)  # warm-up (kernels, allocator)
-    times = []
+    kwargs = dict(steps=setting["steps"], prior_steps=setting["prior_steps"], sampler=setting["sampler"],
+                  guidance_scale=guidance, prior_guidance_scale=guidance, batch_size=batch_size)
+    model.generate(captions, **kwargs)  # warm-up (kernels, allocator, compilation)
+    runs = []
     for r in range(repeats):
-        sync(model.device)
-        t0 = time.perf_counter()
-        model.generate(captions, seed=r, **kwargs)
-        sync(model.device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        with _StageTimer(model) as stages:
+            sync(model.device)
+            t0 = time.perf_counter()
+            model.generate(captions, seed=r, **kwargs)
+            sync(model.device)
+            total = time.perf_counter() - t0
+        runs.append({"seconds": total, **stages.seconds,
+                     "other": total - stages.seconds["prior"] - stages.seconds["decoder"]})
+    return sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
 
 
 class _OpCounter(TorchDispatchMode):
@@ -82,21 +144,28 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def cost_per_image(model, steps: int, prior_steps: int, guidance: float) -> dict:
-    """GFLOP and dispatched ops to generate one image: fixed + per decoder step + per prior step,
-    counted at (2, 2), (3, 2) and (2, 3) steps and extrapolated."""
+def step_costs(model, sampler: str, guidance: Optional[float]):
+    """(fixed, per decoder step, per prior step) GFLOP and dispatched ops, each a (2,) tensor, of one image
+    with `sampler`: counted at (3, 3), (4, 3) and (3, 4) steps, so a DPM-Solver++ second-order update is
+    among the steps counted."""
     def count(dec_steps, pri_steps):
         kwargs = dict(steps=dec_steps, prior_steps=pri_steps, guidance_scale=guidance,
-                      prior_guidance_scale=guidance, sampler="ddim", batch_size=1)
+                      prior_guidance_scale=guidance, sampler=sampler, batch_size=1)
         with FlopCounterMode(display=False) as flops:
             model.generate(CAPTIONS[:1], **kwargs)
         with _OpCounter() as ops:  # on its own: nested inside the flop counter it would see fewer
             model.generate(CAPTIONS[:1], **kwargs)
         return torch.tensor([flops.get_total_flops() / 1e9, ops.ops], dtype=torch.float64)
 
-    base, more_dec, more_pri = count(2, 2), count(3, 2), count(2, 3)
-    per_dec, per_pri = more_dec - base, more_pri - base
-    total = base + (steps - 2) * per_dec + (prior_steps - 2) * per_pri
+    base, more_dec, more_pri = count(3, 3), count(4, 3), count(3, 4)
+    return base - 3 * (more_dec - base) - 3 * (more_pri - base), more_dec - base, more_pri - base
+
+
+def cost_per_image(setting: dict, costs) -> dict:
+    """GFLOP and dispatched ops to generate one image at `setting` from `step_costs`, extrapolated
+    linearly in the step counts."""
+    fixed, per_dec, per_pri = costs
+    total = fixed + setting["steps"] * per_dec + setting["prior_steps"] * per_pri
     return {"gflop": total[0].item(), "ops": total[1].item(), "decoder_gflop_per_step": per_dec[0].item(),
             "prior_gflop_per_step": per_pri[0].item(), "decoder_ops_per_step": per_dec[1].item(),
             "prior_ops_per_step": per_pri[1].item()}
@@ -123,15 +192,19 @@ def main(argv=None):
     add_config_args(p)
     p.add_argument("--checkpoints", default=None, help="a run folder with clip.pt, prior.pt, decoder.pt, or an export")
     p.add_argument("--device", default="auto")
+    p.add_argument("--settings", default="default,ddim:50:50",
+                   help="comma list of default | SAMPLER:STEPS[:PRIOR_STEPS] (default: the config, 50-step DDIM)")
     p.add_argument("--batch-sizes", default="256", help="comma-separated batch sizes for throughput rows")
     p.add_argument("--single", type=int, default=1, help="also time one single image (1) or not (0)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--prior-steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="decoder and prior guidance (default: the sampling config's two scales)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="time DALLE2.compile()d networks (CUDA graphs on GPU)")
-    p.add_argument("--channels-last", action="store_true", help="decoder UNet in channels_last memory format")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="network weights: auto = bf16 on CUDA, fp32 on the CPU (DALLE2.lean)")
     p.add_argument("--cost", type=int, default=1, help="also count GFLOP and operations per image (1) or not (0)")
+    p.add_argument("--data", type=int, default=1, help="also time the training data path (1) or not (0)")
+    p.add_argument("--jsonl", default=None, help="append one JSON line per timed row to this file, as it goes")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
@@ -143,38 +216,49 @@ def main(argv=None):
         cfg = config_from_args(args)
         model = random_pipeline(cfg, device)
         source = f"preset {cfg.preset} (random weights)"
+    settings = parse_settings(args.settings, model.sampling)
     model.eval()
-    cost = cost_per_image(model, args.steps, args.prior_steps, args.guidance_scale) if args.cost else None
-    if args.channels_last:
-        model.decoder.unet.to(memory_format=torch.channels_last)
-        source += ", channels_last"
+    model.lean({"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision])
+    weights = next(model.decoder.unet.parameters()).dtype
+    source += f", {str(weights).replace('torch.', '')} weights"
+    per_sampler = {}  # the per-step costs depend on the sampler, not on the step counts: count once each
+    if args.cost:
+        for sampler in dict.fromkeys(s["sampler"] for s in settings):
+            per_sampler[sampler] = step_costs(model, sampler, args.guidance_scale)
+    costs = [cost_per_image(s, per_sampler[s["sampler"]]) for s in settings] if args.cost else []
     if args.compile:
         model.compile()
         source += ", compiled"
     n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6 for name in ("clip", "prior", "decoder")}
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    guidance = (f"guidance {args.guidance_scale:g} (both)" if args.guidance_scale is not None else
+                f"guidance {model.sampling.guidance_scale:g} decoder / {model.sampling.prior_guidance_scale:g} prior")
     print(f"pipeline: {source}; {model.image_size}px; parameters (M): "
           + ", ".join(f"{k} {v:.1f}" for k, v in n_params.items()))
-    print(f"device: {hw}; torch {torch.__version__}; DDIM {args.steps} decoder / {args.prior_steps} prior steps, "
-          f"guidance {args.guidance_scale}, {model.sampling.candidates} prior candidates")
-    if cost:
-        print(f"one image costs {cost['gflop']:.1f} GFLOP and {cost['ops']:,.0f} dispatched ops "
+    print(f"device: {hw}; torch {torch.__version__}; {guidance}, {model.sampling.candidates} prior candidates")
+    for s, cost in zip(settings, costs):
+        print(f"{s['name']}: one image costs {cost['gflop']:.1f} GFLOP and {cost['ops']:,.0f} dispatched ops "
               f"(per step: decoder {cost['decoder_gflop_per_step']:.2f} GFLOP / {cost['decoder_ops_per_step']:.0f} ops, "
-              f"prior {cost['prior_gflop_per_step']:.2f} GFLOP / {cost['prior_ops_per_step']:.0f} ops; "
-              "with guidance and candidates)")
+              f"prior {cost['prior_gflop_per_step']:.2f} GFLOP / {cost['prior_ops_per_step']:.0f} ops)")
     print()
+    header = f"{'setting':<22}{'case':<14}{'images':>7}{'seconds':>9}{'prior s':>9}{'decoder s':>10}{'other s':>9}{'images/s':>10}"
+    print(header, flush=True)
+    cases = ([("single image", 1)] if args.single else []) + [(f"batch {b}", int(b)) for b in args.batch_sizes.split(",") if b]
     rows = []
-    if args.single:
-        s = time_generate(model, 1, 1, args.steps, args.prior_steps, args.guidance_scale, args.repeats)
-        rows.append(("single image", 1, s, 1 / s))
-    for bs in (int(b) for b in args.batch_sizes.split(",") if b):
-        s = time_generate(model, bs, bs, args.steps, args.prior_steps, args.guidance_scale, args.repeats)
-        rows.append((f"batch {bs}", bs, s, bs / s))
-    ips = data_throughput(device)
-    rows.append(("data path", 512, 512 / ips, ips))
-    print(f"{'case':<16}{'images':>8}{'seconds':>10}{'images/s':>11}")
-    for name, n, s, ips in rows:
-        print(f"{name:<16}{n:>8}{s:>10.3f}{ips:>11.1f}")
+    for s in settings:
+        for case, n in cases:
+            r = time_generate(model, n, n, s, args.guidance_scale, args.repeats)
+            row = {"setting": s["name"], "case": case, "images": n, **r, "images_per_s": n / r["seconds"],
+                   "device": hw, "pipeline": source}
+            rows.append(row)
+            print(f"{s['name']:<22}{case:<14}{n:>7}{r['seconds']:>9.3f}{r['prior']:>9.3f}{r['decoder']:>10.3f}"
+                  f"{r['other']:>9.3f}{n / r['seconds']:>10.1f}", flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    if args.data:
+        ips = data_throughput(device)
+        print(f"{'training data path':<36}{512:>7}{512 / ips:>9.3f}{'':>28}{ips:>10.1f}")
     return rows
 
 

@@ -160,11 +160,15 @@ class SamplingConfig:
     prior_guidance_scale: float = _opt(1.0, "prior classifier-free guidance scale (1 = none)", min=0.0)
     steps: int = _opt(50, "decoder sampling steps", min=1)
     prior_steps: int = _opt(64, "prior sampling steps", min=1)
-    sampler: str = _opt("ddim", "sampler", choices=("ddim", "ddpm"))
+    sampler: str = _opt("ddim", "sampler of the prior and the decoder: ddim, ddpm or dpmpp2m (DPM-Solver++(2M), "
+                        "second order, deterministic)", choices=("ddim", "ddpm", "dpmpp2m"))
     eta: float = _opt(0.0, "DDIM eta (0 = deterministic)", min=0.0)
     candidates: int = _opt(2, "prior samples per caption; the one closest to the caption is kept", min=1)
     clip_x0: str = _opt("static", "clipping of the decoder's predicted x0", choices=("static", "dynamic", "none"))
     batch_size: int = _opt(256, "images per sampling batch", min=1)
+    guidance_interval: list[float] = _list([0.0, 1.0], "decoder guidance only at steps with t/(T-1) in [lo, hi] "
+                                           "(Kynkaanniemi et al. 2024); outside it only the conditional half runs", min=0.0)
+    prior_guidance_interval: list[float] = _list([0.0, 1.0], "the same for the prior's guidance", min=0.0)
 
 
 @dataclass
@@ -389,6 +393,10 @@ def check_consistency(cfg: Config, source: str) -> Config:
     for r in d.attention_resolutions:
         need(r in sides, "decoder.model.attention_resolutions",
              f"{r} is never reached: the UNet's feature maps are {sides} for {size}px images")
+    for key in ("guidance_interval", "prior_guidance_interval"):
+        lo_hi = getattr(cfg.sampling, key)
+        need(len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1] <= 1.0, f"sampling.{key}",
+             f"expected [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
     for i, m in enumerate(d.channel_mult):
         if sides[i] in d.attention_resolutions or i == levels - 1:  # the middle block always attends
             need(d.channels * m % d.head_channels == 0, "decoder.model.head_channels",

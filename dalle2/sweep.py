@@ -3,6 +3,8 @@ faithfulness against diversity and distance, and recommend a setting.
 
     python -m dalle2.sweep --checkpoints runs --guidance 1,2,3,5 [--prior-guidance 1] [--steps 50]
                            [--limit 200] [--out runs/sweep]
+    python -m dalle2.sweep --checkpoints runs --guidance 3 --samplers ddim,dpmpp2m --steps 10,15,20,50 \
+                           --prior-steps 10,20,64    # samplers and step counts (decoder, prior)
 
 Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. The recommended setting has the highest
 image-level exact match on the test captions (shapes data); on data without an attribute reader
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from dalle2.cli import main_wrapper
 from dalle2.config import add_config_args
+from dalle2.diffusion import SAMPLERS
 from dalle2.evaluate import RealFeatures, evaluate_settings, load_everything
 from dalle2.files import atomic_write_text
 from dalle2.training import pick_device
@@ -66,23 +69,31 @@ def main(argv=None):
     p.add_argument("--guidance", default="1,2,3,5", help="decoder guidance scales")
     p.add_argument("--prior-guidance", default="1", help="prior guidance scales")
     p.add_argument("--steps", default="50", help="decoder step counts")
+    p.add_argument("--prior-steps", default=None, help="prior step counts (default: the checkpoint's)")
+    p.add_argument("--samplers", default=None, help="samplers to compare, e.g. ddim,dpmpp2m (default: the checkpoint's)")
     p.add_argument("--limit", type=int, default=None, help="test captions per setting (default 500 on GPU, 64 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--reader-cache", default=None)
     add_config_args(p)  # where the data is: the user's config, never the checkpoints'
     args = p.parse_args(argv)
+    samplers = [s.strip() for s in (args.samplers or "").split(",") if s.strip()]
+    if any(s not in SAMPLERS for s in samplers):  # before anything is loaded
+        raise SystemExit(f"error: --samplers {args.samplers}: each must be one of {', '.join(SAMPLERS)}")
     from dalle2.plots import scatter_plot
     device = pick_device(args.device)
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(
         args.checkpoints, device, limit, None, "test", [], args.reader_cache, config_args=args)
     real = RealFeatures.compute(model, real_test, real_train)  # once: every setting is compared with them
-    grid = list(itertools.product(_floats(args.guidance), _floats(args.prior_guidance),
-                                  [int(s) for s in args.steps.split(",") if s.strip()]))
+    ints = lambda text: [int(s) for s in text.split(",") if s.strip()]  # noqa: E731
+    samplers = samplers or [model.sampling.sampler]
+    grid = list(itertools.product(_floats(args.guidance), _floats(args.prior_guidance), ints(args.steps),
+                                  ints(args.prior_steps) if args.prior_steps else [model.sampling.prior_steps], samplers))
     results = []
-    for i, (g, pg, steps) in enumerate(grid, 1):
-        settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps}
+    for i, (g, pg, steps, prior_steps, sampler) in enumerate(grid, 1):
+        settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps, "prior_steps": prior_steps,
+                    "sampler": sampler}
         print(f"[{i}/{len(grid)}] {settings}")
         r = evaluate_settings(model, reader, prompt_sets, settings, real=real, seed=args.seed)
         results.append(r)
@@ -93,7 +104,8 @@ def main(argv=None):
     out = Path(args.out) if args.out else Path(args.checkpoints) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     labels = [f"g{r['settings']['guidance_scale']:g}/p{r['settings']['prior_guidance_scale']:g}/s{r['settings']['steps']}"
-              for r in results]
+              + f"/ps{r['settings']['prior_steps']}" * (len({x['settings']['prior_steps'] for x in results}) > 1)
+              + f"/{r['settings']['sampler']}" * (len(samplers) > 1) for r in results]
     em = [exact_match(r) if exact_match(r) is not None else float("nan") for r in results]
     div = [r["diversity"]["clip_pairwise_distance"] for r in results]
     fd = [r["distance"]["clip_fd"] for r in results]
@@ -113,9 +125,11 @@ def main(argv=None):
          "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]} for r in results]}
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
     cs = [caption_match(r).get("clip_score", float("nan")) for r in results]
-    lines = ["| setting | exact match | R-precision | CLIP score | CLIP FD | diversity |", "|---|---|---|---|---|---|"]
-    lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {r_:.3f} | {c:.2f} | {f:.4f} | {d:.4f} |"
-              for i, (lab, e, r_, c, f, d) in enumerate(zip(labels, em, rp, cs, fd, div))]
+    lines = ["| setting | exact match | R-precision | CLIP score | CLIP FD | diversity | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {r_:.3f} | {c:.2f} | {f:.4f} | {d:.4f} "
+              f"| {r['seconds']:.1f} |"
+              for i, (lab, e, r_, c, f, d, r) in enumerate(zip(labels, em, rp, cs, fd, div, results))]
     atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
     print("\n".join(lines) + f"\nrecommended: {results[best]['settings']} -> {out}/sweep.png")
     return summary

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +27,35 @@ from .embeddings import check_same_clip
 from .training import autocast
 
 STAGES = ("clip", "prior", "decoder")
+
+
+def image_seeds(rows: Sequence[str], seed: int | Sequence[int]) -> list[int]:
+    """The seed of each image (one per row of captions): with an int seed s, the m-th image of a caption
+    in the call gets s + m (m counts that caption's images, so it does not depend on the other captions
+    or their order); a list gives one seed per image. An image is fixed by its caption, its seed and the
+    settings: `generate(caption, seed=s + m)` remakes image m of `generate(caption, n_per_text=.., seed=s)`."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != len(rows):
+            raise ValueError(f"seed: {len(seed)} seeds given for {len(rows)} images (give one per image, or one int)")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+            raise ValueError(f"seed: expected integers, got {list(seed)!r}")
+        return list(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+    seen: dict[str, int] = {}
+    out = []
+    for caption in rows:
+        out.append(seed + seen.get(caption, 0))
+        seen[caption] = seen.get(caption, 0) + 1
+    return out
+
+
+def image_generators(caption: str, seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Two CPU generators (prior, decoder) of one image, seeded from a hash of (seed, caption): the noise
+    is the same on every device and batch, different captions never share it, and the decoder's does not
+    depend on how much noise the prior drew (its sampler or step count)."""
+    digest = hashlib.sha256(f"{seed}\n{caption}".encode()).digest()
+    return tuple(torch.Generator().manual_seed(int.from_bytes(digest[i:i + 8], "little") >> 1) for i in (0, 8))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
@@ -109,9 +139,30 @@ class DALLE2(nn.Module):
         for 50+50 steps measured on an H200) and "default" on CPU. The first call compiles (slow).
         Compiled stages are for sampling; save checkpoints from uncompiled models."""
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        self._lean_if_moved()  # compile the sampling weights (bf16 on CUDA), not weights cast later
         self.prior.net = torch.compile(self.prior.net, mode=mode)
         self.decoder.unet = torch.compile(self.decoder.unet, mode=mode)
         return self
+
+    def lean(self, dtype: Optional[torch.dtype] = None) -> "DALLE2":
+        """Cast the networks sampling runs, in place: the prior network and the decoder UNet to `dtype`
+        (default bf16 on CUDA, float32 elsewhere) and, on CUDA, the UNet to channels_last. Cast weights,
+        not per-op autocast: no weight is re-cast at each step. The diffusion arithmetic stays float32
+        (step_model hands the networks their inputs in their dtype) and CLIP stays float32 (its text
+        encoder runs once per batch). `generate` does this by itself on the first call on a device;
+        call it yourself to choose, e.g. `lean(torch.float32)` keeps fp32 on CUDA. Casting to bf16 rounds
+        the weights: save or train from a freshly loaded model."""
+        dev = self.device
+        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        self.prior.net.to(dtype)
+        fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+        self.decoder.unet.to(dtype=dtype, memory_format=fmt)
+        self._lean_device = dev
+        return self
+
+    def _lean_if_moved(self) -> None:
+        if getattr(self, "_lean_device", None) != self.device:
+            self.lean()
 
     def val_mode(self) -> "DALLE2":
         """Evaluation mode for all three stages (the seed README's name for .eval())."""
@@ -126,57 +177,74 @@ class DALLE2(nn.Module):
     def generate(self, texts: str | Sequence[str], n_per_text: int = 1, *, guidance_scale: Optional[float] = None,
                  prior_guidance_scale: Optional[float] = None, steps: Optional[int] = None,
                  prior_steps: Optional[int] = None, sampler: Optional[str] = None, eta: Optional[float] = None,
-                 candidates: Optional[int] = None, seed: int = 0, batch_size: Optional[int] = None,
-                 progress: bool = False, return_embeddings: bool = False):
+                 candidates: Optional[int] = None, seed: int | Sequence[int] = 0, batch_size: Optional[int] = None,
+                 progress: bool = False, return_embeddings: bool = False,
+                 guidance_interval: Optional[Sequence[float]] = None,
+                 prior_guidance_interval: Optional[Sequence[float]] = None):
         """Images for each caption, `n_per_text` each (rows: text 0 sample 0, text 0 sample 1, ...).
         Returns float (N, 3, H, W) in [0, 1] (and the (N, E) image embeddings if return_embeddings).
-        Defaults come from the decoder checkpoint's `sampling` config. Same seed, arguments and
-        device -> same images: batch b draws its noise from a generator seeded with (seed, b)."""
+        Defaults come from the decoder checkpoint's `sampling` config. seed: an int, or one int per image
+        (see `image_seeds`); each image draws its noise from its own CPU generators (`image_generators`),
+        so its caption, seed and the settings fix it whatever the batch size, the other captions and
+        the device (up to float differences). progress: one bar over every prior and decoder step."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("generate() needs at least one caption")
         if n_per_text < 1:
             raise ValueError(f"n_per_text must be >= 1, got {n_per_text}")
         rows = [t for t in texts for _ in range(n_per_text)]
+        seeds = image_seeds(rows, seed)
+        opts = dict(guidance_scale=guidance_scale, prior_guidance_scale=prior_guidance_scale, steps=steps,
+                    prior_steps=prior_steps, sampler=sampler, eta=eta, candidates=candidates,
+                    guidance_interval=guidance_interval, prior_guidance_interval=prior_guidance_interval)
+        opts = {k: self._opt(v, k) for k, v in opts.items()}
         bs = self._opt(batch_size, "batch_size")
-        dev = self.device
+        self._lean_if_moved()
         images, embs = [], []
         batches = range(0, len(rows), bs)
-        for b, start in enumerate(tqdm(batches, desc="sampling", disable=not progress, unit="batch")):
-            with autocast(dev, "bf16"):  # bf16 networks on CUDA; the diffusion maths stays in fp32
-                x, image_emb = self._generate_batch(rows[start:start + bs], seed * 100_003 + b, guidance_scale,
-                                                    prior_guidance_scale, steps, prior_steps, sampler, eta, candidates)
-            images.append(x.cpu())
-            embs.append(image_emb.float().cpu())
+        # Disabled off a terminal (logs, tests) as well as by the flag.
+        bar = tqdm(total=len(batches) * (opts["prior_steps"] + opts["steps"]), desc="sampling", unit="step",
+                   disable=None if progress else True)
+        with bar:
+            for start in batches:
+                gens = [image_generators(c, s) for c, s in zip(rows[start:start + bs], seeds[start:start + bs])]
+                x, image_emb = self._generate_batch(rows[start:start + bs], gens, opts, lambda i: bar.update(1))
+                images.append(x.cpu())
+                embs.append(image_emb.float().cpu())
         out = torch.cat(images)
         if not torch.isfinite(out).all():  # NaN pixels would be saved as black images without a word
             raise FloatingPointError("sampling produced NaN/inf pixels: check guidance_scale, steps and the checkpoints")
         return (out, torch.cat(embs)) if return_embeddings else out
 
-    def _generate_batch(self, texts, seed, guidance_scale, prior_guidance_scale, steps, prior_steps, sampler, eta,
-                        candidates):
-        """One batch: caption -> CLIP text features -> prior embedding -> decoder image."""
-        g = torch.Generator(device=self.device).manual_seed(seed)
+    def _generate_batch(self, texts, generators, opts: dict, callback=None):
+        """One batch: caption -> CLIP text features -> prior embedding -> decoder image. generators: a
+        (prior, decoder) pair of CPU generators per caption; opts: generate's resolved options."""
         tokens = self.tokenizer(texts).to(self.device)  # (B, L)
-        text_emb, text_enc, text_mask = self.clip.encode_text_tokens(tokens)
-        image_emb = self.prior.sample(text_emb.float(), text_enc.float(), text_mask,
-                                      steps=self._opt(prior_steps, "prior_steps"),
-                                      sampler=self._opt(sampler, "sampler"), eta=self._opt(eta, "eta"),
-                                      guidance_scale=self._opt(prior_guidance_scale, "prior_guidance_scale"),
-                                      candidates=self._opt(candidates, "candidates"), generator=g)
-        x = self._decode(image_emb, tokens, guidance_scale=guidance_scale, steps=steps, sampler=sampler,
-                         eta=eta, generator=g, text_enc=text_enc, text_mask=text_mask)
+        with autocast(self.device, "bf16"):  # CLIP runs once per batch; the networks are cast (lean)
+            text_emb, text_enc, text_mask = self.clip.encode_text_tokens(tokens)
+        image_emb = self.prior.sample(text_emb.float(), text_enc.float(), text_mask, steps=opts["prior_steps"],
+                                      sampler=opts["sampler"], eta=opts["eta"],
+                                      guidance_scale=opts["prior_guidance_scale"], candidates=opts["candidates"],
+                                      generator=[g for g, _ in generators],
+                                      guidance_interval=opts["prior_guidance_interval"], callback=callback)
+        x = self._decode(image_emb, tokens, guidance_scale=opts["guidance_scale"], steps=opts["steps"],
+                         sampler=opts["sampler"], eta=opts["eta"], generator=[g for _, g in generators],
+                         guidance_interval=opts["guidance_interval"], callback=callback,
+                         text_enc=text_enc, text_mask=text_mask)
         return x, image_emb
 
     def _decode(self, image_emb, tokens, *, guidance_scale=None, steps=None, sampler=None, eta=None,
-                generator=None, noise=None, text_enc=None, text_mask=None) -> torch.Tensor:
+                generator=None, noise=None, guidance_interval=None, callback=None, text_enc=None,
+                text_mask=None) -> torch.Tensor:
         """Decoder sampling with config defaults; the caption as tokens and CLIP's encodings of them (the
         decoder reads the one it was built for; all None = no caption). Returns (N, 3, H, W) in [0, 1]."""
         x = self.decoder.sample(image_emb, tokens, text_enc=text_enc, text_mask=text_mask,
                                 steps=self._opt(steps, "steps"),
                                 sampler=self._opt(sampler, "sampler"), eta=self._opt(eta, "eta"),
                                 guidance_scale=self._opt(guidance_scale, "guidance_scale"), generator=generator,
-                                noise=noise, clip_x0=self.sampling.clip_x0)
+                                noise=noise, clip_x0=self.sampling.clip_x0,
+                                guidance_interval=self._opt(guidance_interval, "guidance_interval"),
+                                callback=callback)
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def forward(self, shape=(3, 32, 32), text: str = "", cf_guidance_scale: Optional[float] = None,

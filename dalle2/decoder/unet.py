@@ -424,12 +424,13 @@ class Decoder(nn.Module):
     def sample(self, image_emb: torch.Tensor, tokens: Optional[torch.Tensor] = None, *, steps: int = 50,
                sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 3.0,
                generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
-               clip_x0: Optional[str] = "static", progress: bool = False, text_enc: Optional[torch.Tensor] = None,
-               text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+               clip_x0: Optional[str] = "static", progress: bool = False, guidance_interval=None, callback=None,
+               text_enc: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """image_emb: (N, E) CLIP image embeddings (e.g. from the prior); the captions as tokens (N, L)
         and/or CLIP encodings text_enc + text_mask (see `loss`); all None = no caption.
         guidance_scale: classifier-free guidance on both conditions at once (unconditional = both nulls).
-        Returns images (N, 3, H, W) float in [-1, 1]."""
+        generator: one, or a list of N (one per image); guidance_interval, callback: see
+        GaussianDiffusion.sample. Returns images (N, 3, H, W) float in [-1, 1]."""
         s = self.unet.image_size
         was_training = self.unet.training
         self.unet.eval()  # no dropout and no random condition dropout while sampling
@@ -438,7 +439,8 @@ class Decoder(nn.Module):
                                       model_kwargs=dict(image_emb=image_emb,
                                                         **self.unet.text_inputs(tokens, text_enc, text_mask)),
                                       generator=generator,
-                                      noise=noise, clip_x0=clip_x0, guidance_scale=guidance_scale, progress=progress)
+                                      noise=noise, clip_x0=clip_x0, guidance_scale=guidance_scale, progress=progress,
+                                      guidance_interval=guidance_interval, callback=callback)
         finally:
             self.unet.train(was_training)
         return x.clamp(-1, 1)

@@ -212,11 +212,14 @@ class DiffusionPrior(nn.Module):
     @torch.no_grad()
     def sample(self, text_emb: torch.Tensor, text_enc: torch.Tensor, text_mask: torch.Tensor, *,
                steps: int = 64, sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
-               candidates: int = 2, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               candidates: int = 2, generator: Optional[torch.Generator] = None, guidance_interval=None,
+               callback=None) -> torch.Tensor:
         """text_emb: (N, D); text_enc: (N, L, text_width); text_mask: (N, L) -> (N, D) unit-norm
         image embeddings. Draws `candidates` samples per caption in one batch and keeps, per caption,
         the one with the highest cosine to its text embedding (DALL-E 2 section 2.2: "we generate
-        two samples of z_i and select the one with a higher dot product with z_t")."""
+        two samples of z_i and select the one with a higher dot product with z_t").
+        generator: one, or a list of N (one per caption, drawing its `candidates` rows);
+        guidance_interval, callback: see GaussianDiffusion.sample."""
         self._check(text_emb, text_enc, text_mask)
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
@@ -231,7 +234,8 @@ class DiffusionPrior(nn.Module):
             # (classifier-free guidance); the text prefix is encoded once (prepare_conditioning).
             x = self.diffusion.sample(self.net, (n * candidates, d), steps=steps, sampler=sampler, eta=eta,
                                       model_kwargs=kwargs, generator=generator, guidance_scale=guidance_scale,
-                                      device=text_emb.device)
+                                      device=text_emb.device, guidance_interval=guidance_interval,
+                                      callback=callback)
         finally:
             self.net.train(was_training)
         emb = self.unscale(x).view(n, candidates, d)  # (N, c, D)
