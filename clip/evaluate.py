@@ -109,7 +109,7 @@ def evaluate_clip(model, ds: CaptionedImages, batch_size: int = 512, seed: int =
     out = {}
     held = heldout_mask(ds)
     if ds.metadata is not None:
-        # The headline figure, first in the table: top-1 caption TRUE of the image (issue 10, section 1),
+        # The headline figure, first in the table: top-1 caption TRUE of the image,
         # for seen and zero-shot held-out colour-shape pairs separately.
         true_hit = true_caption_hits(sims.argmax(1), texts, ds.metadata)  # (N,)
         out["i2t_top1_true"] = _mean(true_hit)

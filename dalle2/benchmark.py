@@ -13,7 +13,7 @@ per stage: prior (with `candidates` samples per caption) and decoder, both with 
 guidance as configured (or `--guidance-scale` for both); "other" is the CLIP text encoder and the
 glue. One warm-up run per row is not timed. On CUDA the networks run with bf16 weights and the
 decoder in channels_last (`DALLE2.lean`, `--precision fp32` to compare); fp32 on the CPU.
-Targets (issue 12): >= 1,000 images/s at batch 256 on one H200, <= 0.1 s for one image.
+Targets: >= 1,000 images/s at batch 256 on one H200, <= 0.1 s for one image.
 
 Before the timings it prints what one image costs at each setting whatever the hardware: GFLOP (matrix
 products and convolutions, torch.utils.flop_counter) and dispatched PyTorch operations (about one GPU

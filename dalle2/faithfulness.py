@@ -1,6 +1,6 @@
 """Faithfulness on the shapes data: does the picture show what the caption says?
 
-Captions of the shapes dataset (shared/SHAPES_SPEC.md) have an exact meaning: a list of objects,
+Captions of the shapes dataset (data/SHAPES_SPEC.md) have an exact meaning: a list of objects,
 each with a colour, a shape and optionally a size and a position word. `parse_caption` turns a
 caption into that list; the attribute reader (dalle2/reader.py) turns an image into the list of
 objects it shows; `score` compares the two; `aggregate` turns per-image scores into accuracies,

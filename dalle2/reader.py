@@ -1,6 +1,6 @@
 """The attribute reader: which objects does a small shapes image show? (evaluation, not a model stage)
 
-"Does the picture show what the caption says?" On the shapes data (shared/SHAPES_SPEC.md) this has
+"Does the picture show what the caption says?" On the shapes data (data/SHAPES_SPEC.md) this has
 an exact answer once the objects of an image are read back: colour, shape, size word, position
 word. The reader does that for 32x32 (or 64x64) images, the resolution the models work at.
 

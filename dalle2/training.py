@@ -519,9 +519,10 @@ class Trainer:
                     group["lr"] = lr
                 torch.manual_seed(_step_seed(tc.seed, step, self.dist.rank))
                 batch = get_batch(step)
-                if speed["flops"] is None and self.dist.is_main:
-                    # counted once, eagerly, before the step proper; the RNG it draws from is put back, so
-                    # the step (and a resumed run) sees exactly the randomness it would have seen
+                if speed["flops"] is None and self.dist.is_main and dev.type == "cuda":
+                    # counted once, eagerly, before the step proper (on GPUs, where the share of the peak
+                    # means something); the RNG it draws from is put back, so the step (and a resumed run)
+                    # sees exactly the randomness it would have seen
                     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), autocast(dev, self.precision):
                         # (under DDP on a copy: a backward through the wrapped module's parameters would
                         # fire DDP's gradient hooks on this rank alone)

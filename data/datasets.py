@@ -7,7 +7,7 @@ no Python loop over rows and no DataLoader workers, so data is never the bottlen
 datasets (the anti-pattern this replaces is per-sample decoding in `Dataset.__getitem__`).
 
 Sources (`load_dataset(cfg, split)` dispatches on `cfg.dataset`):
-- "shapes": the synthetic dataset of shared/SHAPES_SPEC.md, generated on first use if missing.
+- "shapes": the synthetic dataset of data/SHAPES_SPEC.md, generated on first use if missing.
 - "cifar10": the python-format CIFAR-10 folder, captions from templates (data/cifar.py).
 - "folder": your own images plus a captions file (CSV or JSONL), a Hugging Face ImageFolder
   metadata.jsonl, or a caption .txt beside each image.
@@ -339,7 +339,7 @@ def file_stamp(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# shapes (shared/SHAPES_SPEC.md): DIR/<split>/metadata.jsonl + PNGs.
+# shapes (data/SHAPES_SPEC.md): DIR/<split>/metadata.jsonl + PNGs.
 
 def jsonl_objects(path: Path):
     """Yield (line number, object) for each non-blank line of a JSONL file; a line that is not a

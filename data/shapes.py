@@ -1,4 +1,4 @@
-"""The shapes dataset: synthetic captioned images of coloured shapes (see shared/SHAPES_SPEC.md).
+"""The shapes dataset: synthetic captioned images of coloured shapes (see data/SHAPES_SPEC.md).
 
 The project's default data for every stage and every test. Everything here follows the spec to
 the letter; where the spec is silent the choice is documented next to the code.
@@ -403,7 +403,7 @@ def _count(text: str) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (shared/SHAPES_SPEC.md).")
+    parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (data/SHAPES_SPEC.md).")
     parser.add_argument("--variant", choices=VARIANTS, default="objects",
                         help="objects: 1-2 objects per image; positions: 1 object, captions with position; "
                              "both: the two kinds in turn in one dataset")

@@ -1,4 +1,4 @@
-"""Horizontal flips keep captions true (issue 10, defect 7): on the positions variant a mirrored box
+"""Horizontal flips keep captions true: on the positions variant a mirrored box
 can change its position class (halves are <= 64 / > 64), so the flipped caption is recomputed from the
 mirrored box, not only left <-> right swapped. Judged here from the metadata with the spec's rule."""
 from types import SimpleNamespace

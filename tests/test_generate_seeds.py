@@ -111,4 +111,7 @@ def test_sample_py_takes_the_new_sampler_and_seed_lists(tiny_run, tmp_path):
         main(["a red circle", "--n", "2", "--seed", "1,2,3", "--out", str(tmp_path / "x")])
     out = main(["a red circle", "a blue square", "--checkpoints", str(tiny_run[0]), "--out", str(tmp_path / "s"),
                 "--sampler", "dpmpp2m", "--steps", "3", "--prior-steps", "3", "--seed", "4,9", "--device", "cpu"])
-    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "grid.png", "samples.jsonl"]
+    import json
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [4, 9]  # each image's own seed, as the list gave it

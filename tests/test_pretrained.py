@@ -212,7 +212,7 @@ def test_export_command_end_to_end(tiny_run, tmp_path):
                         str(samples), "--steps", "2", "--prior-steps", "2"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in samples.iterdir()) == ["0000.png", "grid.png"]
+    assert sorted(p.name for p in samples.iterdir()) == ["0000.png", "grid.png", "samples.jsonl"]
     from dalle2.export import main as export
     with pytest.raises(CheckpointError, match="nowhere: missing clip.pt, prior.pt, decoder.pt"):
         export([str(tmp_path / "nowhere"), str(tmp_path / "x")])

@@ -1,5 +1,5 @@
 """Reliability and security: nothing the user owns is lost, nothing loaded runs code, every bad
-input is one clear line. Each test names the red-team item (issue 14) it covers."""
+input is one clear line. Each test names the red-team item it covers."""
 import json
 import os
 import pickle

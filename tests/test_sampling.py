@@ -42,9 +42,10 @@ def test_guidance_scale_one_is_the_plain_conditional_prediction(model):
     unet = model.decoder.unet
     x = torch.randn(2, 3, 32, 32)
     t = torch.tensor([10, 40])
-    kw = {"image_emb": torch.nn.functional.normalize(torch.randn(2, model.clip.embed_dim), dim=-1),
-          "tokens": model.tokenizer(["a red circle", "a blue square"])}
     with torch.no_grad():
+        _, enc, mask = model.clip.encode_text_tokens(model.tokenizer(["a red circle", "a blue square"]))
+        kw = {"image_emb": torch.nn.functional.normalize(torch.randn(2, model.clip.embed_dim), dim=-1),
+              **unet.text_inputs(model.tokenizer(["a red circle", "a blue square"]), enc, mask)}
         plain = unet(x, t, **kw)
         guided = classifier_free_guidance(unet, 1.0)(x, t, **kw)
         uncond = unet(x, t, **kw, cond_drop=torch.ones(2, dtype=torch.bool))
@@ -110,12 +111,13 @@ def test_sample_py_pngs_carry_their_settings(tiny_run, tmp_path):
             assert im.text["Description"] == meta["caption"]
         assert {**meta, "file": line["file"]} == line
         assert meta["caption"] == ["a red circle", "a small navy square"][i // 2] and meta["index"] == i
-        assert (meta["seed"], meta["guidance_scale"], meta["steps"], meta["prior_steps"]) == (7, 2.5, 3, 2)
+        # image m of a caption has seed 7 + m (per-image seeds)
+        assert (meta["seed"], meta["guidance_scale"], meta["steps"], meta["prior_steps"]) == (7 + i % 2, 2.5, 3, 2)
         assert meta["sampler"] == model.sampling.sampler and meta["weights"] == hashes
     m = lines[3]
-    remade = model.generate([lines[0]["caption"], m["caption"]], n_per_text=m["n_per_text"], seed=m["seed"],
-                            guidance_scale=m["guidance_scale"], steps=m["steps"], prior_steps=m["prior_steps"],
-                            sampler=m["sampler"], batch_size=m["batch_size"])[m["index"]]
+    # the record alone remakes its image: its caption and its own seed, no other caption, no batch
+    remade = model.generate([m["caption"]], seed=m["seed"], guidance_scale=m["guidance_scale"], steps=m["steps"],
+                            prior_steps=m["prior_steps"], sampler=m["sampler"])[0]
     with Image.open(out / m["file"]) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(model.to_pil(remade[None])[0]))
 

@@ -1,4 +1,4 @@
-"""Tests for the shapes dataset generator (data/shapes.py) against shared/SHAPES_SPEC.md,
+"""Tests for the shapes dataset generator (data/shapes.py) against data/SHAPES_SPEC.md,
 and for the image utilities it uses (dalle2/images.py)."""
 
 import collections

@@ -1,4 +1,4 @@
-"""The "both" shapes variant (issue 10, section 3): objects and positions scenes in one dataset, the
+"""The "both" shapes variant: objects and positions scenes in one dataset, the
 zero-shot pairs out of training, byte-identical for a seed, loaded through load_dataset."""
 import hashlib
 import json

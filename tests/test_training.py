@@ -230,6 +230,6 @@ def test_training_speed_and_flops_are_reported(tmp_path, capsys):
     # Toy: Linear(4, 16) and Linear(16, 1) on 8 rows. Forward 2*8*(64+16) FLOPs; backward the same again
     # for the weight gradients, plus the input gradient of the second layer only (x needs no gradient)
     assert training_flops(Toy(), get_batch(0)) == 2 * (2 * 8 * (4 * 16 + 16 * 1)) + 2 * 8 * 16
-    assert speed[0]["train_tflops"] > 0 and "peak_share" not in speed[0]  # no peak known for a CPU
+    assert "train_tflops" not in speed[0] and "peak_share" not in speed[0]  # FLOPs are counted on GPUs only
     assert bf16_peak_tflops(torch.device("cpu")) is None
     assert "training speed:" in capsys.readouterr().out
