@@ -8,9 +8,10 @@
 #   SMOKE=1 bash .ci/gpu_recipe.sh OUTDIR       # the same path at toy size (tiny preset), under a minute on a GPU
 #
 # Budgets (minutes) can be changed with CLIP_MIN, PRIOR_MIN, DECODER_MIN; EVAL_N sets the number of test
-# captions the reader scores (default 600: seen, zero-shot and position captions). OUTDIR gets at most 8
-# files (what a device call returns): log.txt, clip|prior|decoder.safetensors, meta.tgz (configs,
-# tokenizer, model index and card of the exported model), grid.png, report.tgz (reports and metrics).
+# captions the reader scores (default 600: seen, zero-shot and position captions); BENCH=1 then runs
+# .ci/gpu_bench.sh on the trained weights. OUTDIR gets at most 8 files (what a device call returns):
+# log.txt, clip|prior|decoder.safetensors, meta.tgz (configs, tokenizer, model index and card of the
+# exported model), grid.png, report.tgz (reports and metrics) and, with BENCH=1, bench.tgz.
 set -uo pipefail
 out=$(realpath -m "${1:?output folder}")
 cd "$(dirname "$0")/.."
@@ -89,6 +90,11 @@ if python3 -c "import dalle2.export" 2>/dev/null; then
   python3 -m dalle2.export "$run" "$run/pretrained" --half --command "SMOKE=${SMOKE:-0} bash .ci/gpu_recipe.sh (preset $preset, budgets clip $clip_min / prior $prior_min / decoder $dec_min min)" 2>&1 | tail -5
   for s in clip prior decoder; do cp "$run/pretrained/$s/model.safetensors" "$out/$s.safetensors" 2>/dev/null; done
   tar czf "$out/meta.tgz" -C "$run/pretrained" --exclude=model.safetensors . 2>/dev/null
+fi
+if [ "${BENCH:-0}" = 1 ]; then  # issue 12's sampling timings on the weights just trained, back to back
+  log "sampling benchmark on the trained weights (.ci/gpu_bench.sh)"
+  BENCH_ARGS="--checkpoints $run ${BENCH_ARGS:-}" bash .ci/gpu_bench.sh "$run/bench" 2>&1 | tail -40
+  tar czf "$out/bench.tgz" -C "$run" bench 2>/dev/null
 fi
 log "done"
 ls -la "$out"
