@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dalle2.cli import main_wrapper, read_prompts
 from dalle2.diffusion import SAMPLERS
-from dalle2.training import pick_device
+from dalle2.runtime import pick_device
 
 
 def seeds(text: str) -> int | list[int]:

@@ -23,7 +23,7 @@ import torch
 from dalle2.cli import main_wrapper
 from dalle2.config import add_config_args, data_config_for_checkpoint
 from dalle2.report import format_table
-from dalle2.training import pick_device
+from dalle2.runtime import pick_device
 from data.datasets import CaptionedImages, load_dataset, to_float
 
 

@@ -19,7 +19,8 @@ from clip.model import build_clip
 from dalle2.checkpoint import init_from, load_stage_weights
 from dalle2.cli import load_and_print_config, main_wrapper, training_parser
 from dalle2.tokenizer import Tokenizer
-from dalle2.training import Trainer, cleanup_distributed, init_seed, load_data, setup_distributed
+from dalle2.runtime import cleanup_distributed, load_data, setup_distributed
+from dalle2.training import Trainer, init_seed
 from data.datasets import StepBatches, to_float
 
 

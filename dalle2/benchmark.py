@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dalle2.cli import main_wrapper
 from dalle2.config import add_config_args, config_from_args
-from dalle2.training import pick_device
+from dalle2.runtime import pick_device
 
 CAPTIONS = ["a large gold pentagon and a small blue circle", "an orange circle", "the small teal triangle",
             "a medium white rectangle and a navy square"]

@@ -130,7 +130,8 @@ def prepare_stage(args):
     from dataclasses import replace
 
     from .cli import load_and_print_config
-    from .training import TrainingError, load_data, rank0_first, setup_distributed
+    from .runtime import load_data, rank0_first, setup_distributed
+    from .training import TrainingError
 
     dist = setup_distributed(args.device)
     cfg = load_and_print_config(args, dist.is_main)

@@ -30,7 +30,7 @@ import torch
 
 from dalle2.cli import main_wrapper
 from dalle2.config import add_config_args
-from dalle2.training import pick_device
+from dalle2.runtime import pick_device
 
 DIVERSITY_CAPTIONS = 16  # captions drawn several times for the diversity figures
 DIVERSITY_SAMPLES = 4

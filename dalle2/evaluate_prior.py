@@ -28,7 +28,7 @@ from dalle2.report import format_table
 from dalle2.cli import main_wrapper
 from dalle2.config import add_config_args, apply_overrides, data_config_for_checkpoint
 from dalle2.embeddings import Embeddings, check_same_clip, load_clip_for_stage, load_or_compute
-from dalle2.training import pick_device
+from dalle2.runtime import pick_device
 from data.datasets import CaptionedImages, load_dataset
 
 

@@ -59,7 +59,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     from dalle2.images import write_samples
-    from dalle2.training import pick_device
+    from dalle2.runtime import pick_device
     from dalle2.unclip import DALLE2
     from data.datasets import load_dataset
     test = load_dataset(cfg.data, "test", generate_missing=False)

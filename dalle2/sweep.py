@@ -23,7 +23,7 @@ from dalle2.config import add_config_args
 from dalle2.diffusion import SAMPLERS
 from dalle2.evaluate import RealFeatures, evaluate_settings, load_everything
 from dalle2.files import atomic_write_text
-from dalle2.training import pick_device
+from dalle2.runtime import pick_device
 
 
 def _floats(text: str) -> list[float]:

@@ -20,7 +20,8 @@ from dalle2.cli import main_wrapper, training_parser
 from dalle2.decoder import build_decoder
 from dalle2.embeddings import prepare_stage
 from dalle2.images import captioned_grid, save_image_atomic, to_pil
-from dalle2.training import Trainer, cleanup_distributed, init_seed
+from dalle2.runtime import cleanup_distributed
+from dalle2.training import Trainer, init_seed
 from data.datasets import StepBatches, to_float
 
 GRID_IMAGES = 8

@@ -15,7 +15,8 @@ from dalle2.cli import main_wrapper, training_parser
 from dalle2.embeddings import prepare_stage
 from dalle2.evaluate_prior import evaluate_prior
 from dalle2.prior import build_prior
-from dalle2.training import Trainer, cleanup_distributed, init_seed
+from dalle2.runtime import cleanup_distributed
+from dalle2.training import Trainer, init_seed
 from data.datasets import StepBatches
 
 

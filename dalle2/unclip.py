@@ -24,7 +24,7 @@ from data.datasets import to_float
 from .checkpoint import CheckpointError
 from .config import SamplingConfig
 from .embeddings import check_same_clip
-from .training import autocast
+from .runtime import autocast
 
 STAGES = ("clip", "prior", "decoder")
 

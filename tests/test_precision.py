@@ -10,7 +10,8 @@ import torch.nn as nn
 from dalle2 import training
 from dalle2.checkpoint import load_checkpoint
 from dalle2.config import ConfigError, load_config
-from dalle2.training import Trainer, pick_device, resolve_precision, split_batch
+from dalle2.runtime import pick_device, resolve_precision
+from dalle2.training import Trainer, split_batch
 
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):

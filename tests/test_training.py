@@ -221,7 +221,8 @@ def test_budget_capped_by_steps_and_resume_keeps_the_sized_schedule(tmp_path, mo
 
 
 def test_training_speed_and_flops_are_reported(tmp_path, capsys):
-    from dalle2.training import bf16_peak_tflops, training_flops
+    from dalle2.runtime import bf16_peak_tflops
+    from dalle2.training import training_flops
     trainer = make_trainer(tmp_path, steps=12)
     trainer.fit(get_batch)
     records = [json.loads(l) for l in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
