@@ -30,6 +30,7 @@ sets=(--set "data.root=$data"); for kv in "${size[@]}"; do sets+=(--set "$kv"); 
 common=(--preset "$preset" --out "$run" --quiet "${sets[@]}")
 t_start=$(date +%s)
 log() { echo "=== $(date +%T) (+$(( $(date +%s) - t_start )) s) $*"; }
+bars_out() { tr "\r" "\n" | grep -vE '^[A-Za-z0-9 /_-]+: +[0-9]+%\|'; }  # progress bars out, everything else kept
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
@@ -58,16 +59,16 @@ log "data: shapes for preset $preset into $data"
 python3 -c "
 from dalle2.config import load_config; from data.datasets import load_dataset
 import sys; cfg = load_config(preset='$preset', overrides=sys.argv[1:])
-[load_dataset(cfg.data, s) for s in ('train', 'test')]" "data.root=$data" "${size[@]}" 2>&1 | grep -v "it/s\]"
+[load_dataset(cfg.data, s) for s in ('train', 'test')]" "data.root=$data" "${size[@]}" 2>&1 | bars_out
 
 log "clip: budget $clip_min min"
-python3 clip/train.py "${common[@]}" --budget "$clip_min" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -60
+python3 clip/train.py "${common[@]}" --budget "$clip_min" 2>&1 | bars_out | tail -60
 export_stage clip
 log "prior: budget $prior_min min"
-python3 dalle2/train_prior.py "${common[@]}" --budget "$prior_min" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -60
+python3 dalle2/train_prior.py "${common[@]}" --budget "$prior_min" 2>&1 | bars_out | tail -60
 export_stage prior
 log "decoder: budget $dec_min min"
-python3 dalle2/train_decoder.py "${common[@]}" --budget "$dec_min" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -40
+python3 dalle2/train_decoder.py "${common[@]}" --budget "$dec_min" 2>&1 | bars_out | tail -40
 export_stage decoder
 log "training done"
 
@@ -79,9 +80,9 @@ cp /tmp/recipe_samples/grid.png "$out/grid.png" 2>/dev/null
 
 log "evaluation: CLIP, prior, whole pipeline ($eval_n captions)"
 mkdir -p "$run/report"
-python3 clip/evaluate.py --checkpoint "$run/clip.pt" "${sets[@]}" 2>&1 | tee "$run/report/clip_eval.txt" | grep -v "it/s\]"
-python3 dalle2/evaluate_prior.py --checkpoint "$run/prior.pt" "${sets[@]}" 2>&1 | tee "$run/report/prior_eval.txt" | grep -v "it/s\]"
-python3 -m dalle2.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" 2>&1 | tr "\r" "\n" | grep -vE "(it/s|s/it)\]" | tail -60
+python3 clip/evaluate.py --checkpoint "$run/clip.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/clip_eval.txt"
+python3 dalle2/evaluate_prior.py --checkpoint "$run/prior.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/prior_eval.txt"
+python3 -m dalle2.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tail -60
 tar czf "$out/report.tgz" -C "$run" report clip/metrics.jsonl prior/metrics.jsonl decoder/metrics.jsonl \
   clip/config.yml decoder/samples 2>/dev/null
 
