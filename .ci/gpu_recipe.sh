@@ -21,7 +21,7 @@ mkdir -p "$out"; rm -rf "$run"
 exec > >(tee -a "$out/log.txt") 2>&1
 if [ "${SMOKE:-0}" = 1 ]; then
   preset=tiny; clip_min=${CLIP_MIN:-0.15}; prior_min=${PRIOR_MIN:-0.1}; dec_min=${DECODER_MIN:-0.15}; eval_n=${EVAL_N:-16}
-  size=(data.n_train=512 data.n_test=64)
+  size=(data.n_train=512 data.n_test=64 prior.train.compile=true)  # the compiled path, on the smallest stage
 else
   preset=shapes32; clip_min=${CLIP_MIN:-1.3}; prior_min=${PRIOR_MIN:-0.8}; dec_min=${DECODER_MIN:-4.0}; eval_n=${EVAL_N:-600}
   size=()
