@@ -360,11 +360,11 @@ class Trainer:
             evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
             sample: Optional[Callable[[nn.Module, int], None]] = None,
             time_limit: Optional[float] = None) -> nn.Module:
-        """Train to self.total_steps (tc.steps, or what fits in tc.budget_minutes); returns the eval model (EMA when on). `evaluate(model, step) -> dict`
-        and `sample(model, step)` run on rank 0 at their intervals and at the end (the final
-        evaluation is printed as a table). `time_limit` (minutes): finish early, as if the last step
-        were reached (final checkpoint, evaluation),
-        once that much time has passed; the LR schedule is not rescaled."""
+        """Train to self.total_steps (tc.steps, or what fits in tc.budget_minutes); returns the eval
+        model (EMA when on). `evaluate(model, step) -> dict` and `sample(model, step)` run on rank 0 at
+        their intervals and at the end (the final evaluation is printed as a table). `time_limit`
+        (minutes): finish early, as if the last step were reached (final checkpoint, evaluation), once
+        that much time has passed; the LR schedule is not rescaled (tc.budget_minutes is what sizes it)."""
         tc, dev = self.tc, self.device
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yml")
@@ -398,7 +398,7 @@ class Trainer:
                     # counted once, eagerly, before the step proper (on GPUs, where the share of the peak
                     # means something); the RNG it draws from is put back, so the step (and a resumed run)
                     # sees exactly the randomness it would have seen
-                    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), autocast(dev, self.precision):
+                    with torch.random.fork_rng(devices=[dev]), autocast(dev, self.precision):
                         # (under DDP on a copy: a backward through the wrapped module's parameters would
                         # fire DDP's gradient hooks on this rank alone)
                         counted = self.model if self.dist.world_size == 1 else copy.deepcopy(self.model)
