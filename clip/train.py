@@ -16,7 +16,7 @@ import torch
 
 from clip.evaluate import evaluate_clip
 from clip.model import build_clip
-from dalle2.checkpoint import init_from, load_stage_weights
+from dalle2.pretrained import init_from, load_stage_weights
 from dalle2.cli import load_and_print_config, main_wrapper, training_parser
 from dalle2.tokenizer import Tokenizer
 from dalle2.runtime import cleanup_distributed, load_data, setup_distributed

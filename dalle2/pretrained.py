@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CheckpointError, state_hash
+from .checkpoint import CheckpointError, load_checkpoint, state_hash
 from .files import atomic_write, atomic_write_text
 
 FORMAT_NAME = "open-dalle2"
@@ -242,17 +242,11 @@ def _read_json(path: Path):
         raise CheckpointError(f"{path}: not readable JSON ({e})") from None
 
 
-def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
-    """One stage: config.json -> model, model.safetensors (its sha256 checked against the index) ->
-    weights, with the attributes model_from_checkpoint sets (.config, .tokenizer, .step, .extra,
-    .checkpoint_hash, .checkpoint_path)."""
-    from .config import ConfigError, config_from_dict
-
-    config_path, weights_path = folder / stage / CONFIG, folder / stage / WEIGHTS
-    try:
-        cfg = config_from_dict(_read_json(config_path), str(config_path))
-    except (ConfigError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: not a config this code reads ({e})") from None
+def read_stage(folder: Path, stage: str, entry: dict) -> tuple[dict, dict]:
+    """One exported stage's raw contents: (state dict as stored, config dict), the weights' sha256
+    checked against the index `entry`. Shared by loading and by training's --init-from."""
+    weights_path = folder / stage / WEIGHTS
+    config = _read_json(folder / stage / CONFIG)
     try:
         blob = weights_path.read_bytes()
     except FileNotFoundError:
@@ -265,6 +259,21 @@ def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
         state = _safetensors().load(blob)
     except Exception as e:  # safetensors' own error type differs between versions
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({str(e)[:120]})") from None
+    return state, config
+
+
+def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
+    """One stage: config.json -> model, model.safetensors (its sha256 checked against the index) ->
+    weights, with the attributes model_from_checkpoint sets (.config, .tokenizer, .step, .extra,
+    .checkpoint_hash, .checkpoint_path)."""
+    from .config import ConfigError, config_from_dict
+
+    config_path, weights_path = folder / stage / CONFIG, folder / stage / WEIGHTS
+    state, config = read_stage(folder, stage, entry)
+    try:
+        cfg = config_from_dict(config, str(config_path))
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: not a config this code reads ({e})") from None
     model = _build(stage, cfg, tokenizer)
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
@@ -452,3 +461,45 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
         out += ["- The figures are the project's attribute reader's readings (its accuracy on real renders is "
                 "the first table above), not human judgements."]
     return "\n".join(out) + "\n"
+
+
+# --- starting training from earlier weights (--init-from) -----------------------------------------
+
+def load_stage_weights(source: str | os.PathLike, stage: str) -> tuple[dict, Optional[dict], Optional[dict]]:
+    """The weights (state dict), saved config dict and tokenizer state of `stage` from `source`: an
+    exported folder (model_index.json), a training run folder (DIR/<stage>.pt) or a stage checkpoint
+    file. Nothing is unpickled: exports are safetensors and JSON, .pt files load with weights_only=True."""
+    src = Path(source)
+    if is_pretrained_folder(src):
+        state, config = read_stage(src, stage, read_index(src)["stages"][stage])
+        return state, config, _read_json(src / TOKENIZER)
+    path = src / f"{stage}.pt" if src.is_dir() else src
+    if not path.is_file():
+        raise CheckpointError(f"{source}: no {stage} weights there (neither an export with {INDEX} nor "
+                              f"{src / (stage + '.pt')})")
+    ckpt = load_checkpoint(path, stage)
+    return ckpt["model"], ckpt.get("config"), ckpt.get("tokenizer")
+
+
+def init_from(model, source: str | os.PathLike, stage: str, model_config: Optional[dict] = None,
+              tokenizer=None) -> None:
+    """Start `model` from the weights of a finished or exported stage (`--init-from`), e.g. to add
+    training time to a model with a fresh optimizer and schedule. Refuses weights whose saved
+    `<stage>.model` config differs from `model_config` (a dict), naming both, and weights saved with
+    another tokenizer than `tokenizer` (token ids would mean other words)."""
+    state, config, tok_state = load_stage_weights(source, stage)
+    if tokenizer is not None and tok_state is not None and tok_state != tokenizer.state_dict():
+        raise CheckpointError(f"{source}: its {stage} was trained with another tokenizer (vocabulary) than "
+                              f"this run's; train on the same data and CLIP, or start without --init-from")
+    saved = (config or {}).get(stage, {}).get("model") if isinstance(config, dict) else None
+    if model_config is not None and saved is not None and saved != model_config:
+        diff = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+        raise CheckpointError(f"{source}: its {stage} was built with other {stage}.model settings "
+                              f"({', '.join(f'{k}: {saved.get(k)} vs {model_config.get(k)}' for k in diff)})")
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}  # half-precision exports
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: the {stage} weights do not fit this model "
+                              f"({str(e).splitlines()[0][:160]})") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dalle2.checkpoint import init_from
+from dalle2.pretrained import init_from
 from dalle2.cli import main_wrapper, training_parser
 from dalle2.decoder import build_decoder
 from dalle2.embeddings import prepare_stage

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from dalle2.checkpoint import init_from
+from dalle2.pretrained import init_from
 from dalle2.cli import main_wrapper, training_parser
 from dalle2.embeddings import prepare_stage
 from dalle2.evaluate_prior import evaluate_prior

@@ -1,10 +1,7 @@
 """--init-from: a stage starts from earlier weights (a run folder or an exported safetensors folder) with a
 fresh optimizer and schedule; mismatched settings are refused."""
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from dalle2.checkpoint import CheckpointError, load_checkpoint
 
@@ -31,14 +28,11 @@ def test_prior_and_clip_continue_from_a_run_folder(tiny_run, tmp_path):
 
 
 def test_decoder_from_an_exported_half_precision_folder_and_mismatch_refused(tiny_run, tmp_path):
+    from dalle2 import DALLE2
     from dalle2.train_decoder import main as train_decoder
     run, argv = tiny_run
     ckpt = load_checkpoint(run / "decoder.pt")
-    export = tmp_path / "export" / "decoder"
-    export.mkdir(parents=True)
-    save_file({k: v.half().contiguous() for k, v in ckpt["model"].items()}, str(export / "model.safetensors"))
-    (export / "config.json").write_text(json.dumps(ckpt["config"]))
-    (export.parent / "tokenizer.json").write_text(json.dumps(ckpt["tokenizer"]))
+    DALLE2.from_run(run).save_pretrained(tmp_path / "export", dtype=torch.float16)
     out = tmp_path / "more"
     train_decoder([*argv, "--out", str(out), "--clip", str(run / "clip.pt"), "--init-from", str(tmp_path / "export"),
                    "--set", "decoder.train.lr=0", "--set", "decoder.train.steps=1", "--set", "decoder.train.ema_decay=0"])
