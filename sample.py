@@ -21,6 +21,7 @@ from pathlib import Path
 from dalle2.cli import main_wrapper, read_prompts
 from dalle2.diffusion import SAMPLERS
 from dalle2.runtime import pick_device
+from dalle2.unclip import image_seeds
 
 
 def seeds(text: str) -> int | list[int]:
@@ -58,15 +59,15 @@ def sample_records(model, args, captions: list[str]) -> list[dict]:
         "device": str(model.device),
         "weights": {name: getattr(getattr(model, name), "checkpoint_hash", None) for name in ("clip", "prior", "decoder")},
     }
-    rows = [(c, m) for c in captions for m in range(args.n)]
-    # each image's own seed: generate(caption, seed=record["seed"]) remakes it alone
-    own = [args.seed[i] if isinstance(args.seed, list) else args.seed + m for i, (_, m) in enumerate(rows)]
-    return [{**common, "caption": c, "index": i, "seed": own[i]} for i, (c, _) in enumerate(rows)]
+    rows = [c for c in captions for _ in range(args.n)]
+    # each image's own seed, as generate gives it: generate(caption, seed=record["seed"]) remakes it alone
+    seeds = image_seeds(rows, args.seed)
+    return [{**common, "caption": c, "index": i, "seed": seeds[i]} for i, c in enumerate(rows)]
 
 
 MAX_IMAGES = 1024  # more than this asks for --yes: 100,000 images is hours of work and gigabytes
 GRID_MAX = 256  # grid.png shows at most this many images (the files hold them all)
-SEED_MAX = 2 ** 32 - 1  # generate() derives per-batch seeds from it; keep them in range
+SEED_MAX = 2 ** 32 - 1  # seeds are hashed, so any int would do: the check only keeps them plain 32-bit ints
 
 
 def check_args(args, n_images: int) -> None:
@@ -92,24 +93,26 @@ def check_args(args, n_images: int) -> None:
 
 def write_streamed(model, captions: list, n: int, out: Path, args, kwargs: dict) -> int:
     """Draw and save the images a few captions at a time, so memory stays bounded; grid.png gets the
-    first GRID_MAX. Same arguments, same files."""
-    from dalle2.images import captioned_grid, save_image_atomic
+    first GRID_MAX. Each image gets the seed one call would give it (its record's), so the files are
+    those of one call, with the same text chunks and samples.jsonl."""
+    from dalle2.images import captioned_grid, sample_names, save_image_atomic, save_sample, write_sample_records
+    records = sample_records(model, args, captions)
+    names = sample_names(len(captions), n)
     per_chunk = max(1, (args.batch_size or model.sampling.batch_size) // n)
-    grid, grid_caps, count = [], [], 0
+    grid, grid_caps = [], []
     for start in range(0, len(captions), per_chunk):
-        chunk = captions[start:start + per_chunk]
-        # each image's noise depends on its caption, seed and number, not its place: chunks match one call
-        seed = args.seed[start * n:(start + len(chunk)) * n] if isinstance(args.seed, list) else args.seed
-        images = model.to_pil(model.generate(chunk, n_per_text=n, seed=seed, **kwargs))
-        for j, img in enumerate(images):
-            i, k = start + j // n, j % n
-            save_image_atomic(img, out / (f"{i:04d}.png" if n == 1 else f"{i:04d}_{k}.png"))
+        rows = slice(start * n, (start + per_chunk) * n)
+        chunk_records = records[rows]
+        images = model.to_pil(model.generate(captions[start:start + per_chunk], n_per_text=n,
+                                             seed=[r["seed"] for r in chunk_records], **kwargs))
+        for name, img, record in zip(names[rows], images, chunk_records):
+            save_sample(img, out / name, record)
             if len(grid) < GRID_MAX:
                 grid.append(img)
-                grid_caps.append(captions[i])
-        count += len(images)
+                grid_caps.append(record["caption"])
+    write_sample_records(out, names, records)
     save_image_atomic(captioned_grid(grid, grid_caps, cols=max(n, min(8, len(grid)))), out / "grid.png")
-    return count
+    return len(records)
 
 
 def main(argv=None):

@@ -137,6 +137,26 @@ def save_image_atomic(img: Image.Image, path, text: dict | None = None) -> Path:
 SETTINGS_KEY = "dalle2"  # the PNG text chunk holding an image's settings as JSON
 
 
+def sample_names(n_captions: int, n_per_text: int = 1, start: int = 0) -> list[str]:
+    """File names of captions start .. start + n_captions - 1: 0000.png, ... (0000_0.png, 0000_1.png, ...
+    when n_per_text > 1)."""
+    return [f"{i:04d}.png" if n_per_text == 1 else f"{i:04d}_{k}.png"
+            for i in range(start, start + n_captions) for k in range(n_per_text)]
+
+
+def save_sample(image, path: Path, record: dict | None = None) -> Path:
+    """One generated PNG; with `record`, its settings as JSON in the text chunk "dalle2" and its caption
+    as "Description"."""
+    text = None if record is None else {SETTINGS_KEY: json.dumps(record), "Description": str(record.get("caption", ""))}
+    return save_image_atomic(image, path, text)
+
+
+def write_sample_records(out: Path, names: list[str], records: list[dict]) -> Path:
+    """OUT/samples.jsonl: one line per image, {"file": ..., **record}."""
+    return atomic_write_text(Path(out) / "samples.jsonl",
+                             "".join(json.dumps({"file": name, **r}) + "\n" for name, r in zip(names, records)))
+
+
 def write_samples(images: list, captions: list[str], out, n_per_text: int = 1,
                   records: list[dict] | None = None) -> list[Path]:
     """Save generated images as OUT/0000.png, 0001.png, ... in caption order (OUT/0000_0.png,
@@ -146,16 +166,13 @@ def write_samples(images: list, captions: list[str], out, n_per_text: int = 1,
     caption as "Description"), and OUT/samples.jsonl gets one line per image, {"file": ..., **record}.
     Returns the written paths."""
     out = Path(out)
-    names = [f"{i:04d}.png" if n_per_text == 1 else f"{i:04d}_{k}.png"
-             for i in range(len(captions)) for k in range(n_per_text)]
+    names = sample_names(len(captions), n_per_text)
     if records is not None and len(records) != len(names):
         raise ValueError(f"{len(names)} images but {len(records)} records")
-    texts = ([None] * len(names) if records is None else
-             [{SETTINGS_KEY: json.dumps(r), "Description": str(r.get("caption", ""))} for r in records])
-    paths = [save_image_atomic(img, out / name, text) for name, img, text in zip(names, images, texts)]
+    paths = [save_sample(img, out / name, r) for name, img, r in
+             zip(names, images, records if records is not None else [None] * len(names))]
     if records is not None:
-        lines = "".join(json.dumps({"file": name, **r}) + "\n" for name, r in zip(names, records))
-        paths.append(atomic_write_text(out / "samples.jsonl", lines))
+        paths.append(write_sample_records(out, names, records))
     grid_captions = [c for c in captions for _ in range(n_per_text)]
     cols = max(n_per_text, min(8, len(images)))
     paths.append(save_image_atomic(captioned_grid(images, grid_captions, cols=cols), out / "grid.png"))

@@ -57,8 +57,8 @@ def guidance_lines(settings: list[dict]) -> list[list[int]]:
     """Indices of the settings that differ only in decoder guidance, each group in guidance order:
     the plot joins them, so one line shows what raising the guidance does."""
     groups: dict = {}
-    for i, st in enumerate(settings):
-        groups.setdefault((st["prior_guidance_scale"], st["steps"]), []).append(i)
+    for i, st in enumerate(settings):  # the group: every setting but the decoder guidance
+        groups.setdefault(tuple(sorted((k, v) for k, v in st.items() if k != "guidance_scale")), []).append(i)
     return [sorted(idx, key=lambda i: settings[i]["guidance_scale"]) for idx in groups.values()]
 
 

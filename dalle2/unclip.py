@@ -24,7 +24,7 @@ from data.datasets import to_float
 from .checkpoint import CheckpointError
 from .config import SamplingConfig
 from .embeddings import check_same_clip
-from .runtime import autocast
+from .runtime import autocast, resolve_precision
 
 STAGES = ("clip", "prior", "decoder")
 
@@ -146,14 +146,15 @@ class DALLE2(nn.Module):
 
     def lean(self, dtype: Optional[torch.dtype] = None) -> "DALLE2":
         """Cast the networks sampling runs, in place: the prior network and the decoder UNet to `dtype`
-        (default bf16 on CUDA, float32 elsewhere) and, on CUDA, the UNet to channels_last. Cast weights,
+        (default bf16 on CUDA, fp16 on GPUs without bf16, float32 elsewhere) and, on CUDA, the UNet to channels_last. Cast weights,
         not per-op autocast: no weight is re-cast at each step. The diffusion arithmetic stays float32
         (step_model hands the networks their inputs in their dtype) and CLIP stays float32 (its text
         encoder runs once per batch). `generate` does this by itself on the first call on a device;
         call it yourself to choose, e.g. `lean(torch.float32)` keeps fp32 on CUDA. Casting to bf16 rounds
         the weights: save or train from a freshly loaded model."""
         dev = self.device
-        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        if dtype is None:  # bf16 where the GPU has it, fp16 where not (as autocast chooses), fp32 off CUDA
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_precision(dev, "bf16")]
         self.prior.net.to(dtype)
         fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
         self.decoder.unet.to(dtype=dtype, memory_format=fmt)

@@ -38,6 +38,10 @@ def test_scatter_labels_stay_inside_and_points_join_in_guidance_order(tmp_path):
     assert not _ink_columns(img)[-2:].any()  # nothing drawn into the last columns: no clipped text
     settings = [{"guidance_scale": g, "prior_guidance_scale": pg, "steps": 50} for g in (3, 1, 2) for pg in (1, 2)]
     assert guidance_lines(settings) == [[2, 4, 0], [3, 5, 1]]
+    # points of another sampler or prior step count are another line, never joined with these
+    mixed = [{"guidance_scale": g, "prior_guidance_scale": 1, "steps": 15, "prior_steps": 15, "sampler": s}
+             for s in ("ddim", "dpmpp2m") for g in (3, 1)]
+    assert guidance_lines(mixed) == [[1, 0], [3, 2]]
 
 
 def test_line_plot_draws_every_series(tmp_path):

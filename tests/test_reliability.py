@@ -411,13 +411,22 @@ def test_many_images_need_yes_and_are_streamed_with_a_capped_grid(tiny_run, tmp_
     sample = load_sample_py()
     monkeypatch.setattr(sample, "MAX_IMAGES", 3)
     monkeypatch.setattr(sample, "GRID_MAX", 2)
-    argv = ["a red circle", "a blue square", "--n", "2", "--steps", "2", "--prior-steps", "2", "--batch-size", "2",
+    # the caption repeats: its m-th image has seed m across the whole call, not per streamed chunk
+    argv = ["a red circle", "a red circle", "--n", "2", "--steps", "2", "--prior-steps", "2", "--batch-size", "2",
             "--checkpoints", str(tiny_run[0]), "--out", str(tmp_path / "o"), "--device", "cpu"]
     with pytest.raises(SystemExit, match="add --yes"):
         sample.main(argv)
     sample.main(argv + ["--yes"])
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000_0.png", "0000_1.png", "0001_0.png",
-                                                                 "0001_1.png", "grid.png"]
+                                                                 "0001_1.png", "grid.png", "samples.jsonl"]
+    # streamed a caption at a time, the files are those of one call: the same seeds and pixels
+    one = tmp_path / "one"
+    monkeypatch.setattr(sample, "MAX_IMAGES", 1024)
+    sample.main([str(one) if a == str(tmp_path / "o") else a for a in argv])
+    for name in ("0000_0.png", "0001_0.png", "0001_1.png"):
+        with Image.open(tmp_path / "o" / name) as a, Image.open(one / name) as b:
+            assert a.text["dalle2"] == b.text["dalle2"]
+            assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
     from dalle2.images import captioned_grid
     tiles = [Image.open(tmp_path / "o" / name).convert("RGB") for name in ("0000_0.png", "0000_1.png")]
     expected = captioned_grid(tiles, ["a red circle"] * 2, cols=2)
