@@ -90,11 +90,6 @@ def true_caption_hits(best: torch.Tensor, texts: list[str], metadata: list[dict]
     return torch.tensor(hits, dtype=torch.bool)
 
 
-def true_caption_rate(best: torch.Tensor, texts: list[str], metadata: list[dict]) -> float:
-    """Share of images whose retrieved caption is true of the image, see `true_caption_hits`."""
-    return true_caption_hits(best, texts, metadata).float().mean().item() if len(metadata) else float("nan")
-
-
 @torch.no_grad()
 def evaluate_clip(model, ds: CaptionedImages, batch_size: int = 512, seed: int = 0) -> dict:
     """All figures for one split, as a flat dict of floats."""

@@ -58,14 +58,14 @@ def main(argv=None):
         # The vocabulary comes from the training captions (deterministic, so a resumed run rebuilds
         # the same one); it is saved in every checkpoint downstream.
         tokenizer = Tokenizer.build(vocabulary_texts(cfg.data, train.captions), cfg.clip.model.context_length)
-        if args.init_from:  # the words of the model we start from, so its token embeddings keep their meaning
-            tok_state = load_stage_weights(args.init_from, "clip")[2]
-            tokenizer = Tokenizer.from_state_dict(tok_state) if tok_state else tokenizer
+        init = load_stage_weights(args.init_from, "clip") if args.init_from else None
+        if init and init[2]:  # the words of the model we start from, so its token embeddings keep their meaning
+            tokenizer = Tokenizer.from_state_dict(init[2])
         check_caption_lengths(tokenizer, train.captions, dist.is_main)
         init_seed(tc)  # same config, same initial weights
         model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)
         if args.init_from:
-            init_from(model, args.init_from, "clip", asdict(cfg.clip.model), tokenizer)
+            init_from(model, args.init_from, "clip", asdict(cfg.clip.model), tokenizer, loaded=init)
         model.tokenizer = tokenizer
         if dist.is_main:
             print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

@@ -91,4 +91,3 @@ def model_from_checkpoint(path: str | os.PathLike, stage: str, build, map_locati
     model.checkpoint_hash = state_hash(ckpt["model"])
     model.checkpoint_path = str(path)
     return model
-

@@ -69,7 +69,8 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
                    "the step count is fixed from the measured speed, the LR schedule completes")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help=f"start from the {stage} weights of a run folder or exported folder (fresh optimizer and "
-                   "schedule; ignored when --resume finds a checkpoint)")
+                   "schedule; ignored when --resume finds a checkpoint, but a CLIP run started with it takes its vocabulary "
+                   "from it: give it again to resume that run)")
     p.set_defaults(stage=stage)
     if stage != "clip":
         p.add_argument("--clip", default=None, help="CLIP checkpoint (default: OUT/clip.pt)")

@@ -482,12 +482,13 @@ def load_stage_weights(source: str | os.PathLike, stage: str) -> tuple[dict, Opt
 
 
 def init_from(model, source: str | os.PathLike, stage: str, model_config: Optional[dict] = None,
-              tokenizer=None) -> None:
+              tokenizer=None, loaded: Optional[tuple] = None) -> None:
     """Start `model` from the weights of a finished or exported stage (`--init-from`), e.g. to add
     training time to a model with a fresh optimizer and schedule. Refuses weights whose saved
     `<stage>.model` config differs from `model_config` (a dict), naming both, and weights saved with
-    another tokenizer than `tokenizer` (token ids would mean other words)."""
-    state, config, tok_state = load_stage_weights(source, stage)
+    another tokenizer than `tokenizer` (token ids would mean other words). `loaded`: what
+    load_stage_weights(source, stage) returned, if the caller read it already."""
+    state, config, tok_state = loaded or load_stage_weights(source, stage)
     if tokenizer is not None and tok_state is not None and tok_state != tokenizer.state_dict():
         raise CheckpointError(f"{source}: its {stage} was trained with another tokenizer (vocabulary) than "
                               f"this run's; train on the same data and CLIP, or start without --init-from")

@@ -383,7 +383,7 @@ class Trainer:
         t_start = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True)
-        probe = {"start_step": self.step}
+        # one clock for the budget probe and the speed report: started after the first PROBE_SKIP steps
         speed = {"start_step": self.step, "flops": None}
         try:
             last = False
@@ -402,7 +402,8 @@ class Trainer:
                         # (under DDP on a copy: a backward through the wrapped module's parameters would
                         # fire DDP's gradient hooks on this rank alone)
                         counted = self.model if self.dist.world_size == 1 else copy.deepcopy(self.model)
-                        speed["flops"] = training_flops(counted, batch) * self.dist.world_size
+                        micro = split_batch(batch, tc.grad_accum)  # one micro-batch: what fits in memory
+                        speed["flops"] = training_flops(counted, micro[0][0]) * len(micro) * self.dist.world_size
                 loss = self._forward_backward(batch)
                 if tc.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16-scaled ones
@@ -412,17 +413,16 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.model, step)
-                loss = loss.detach().float()
                 bad |= ~torch.isfinite(loss)
                 loss_sum += loss
                 n_logged += 1
                 self.step = step + 1
                 bar.update(1)
-                if not self.sized:
-                    self._size_to_budget(probe, t_start, bar)
                 if self.step - speed["start_step"] == PROBE_SKIP:  # steady-state speed from here on
                     _sync(dev)
                     speed["t0"], speed["step0"] = time.perf_counter(), self.step
+                if not self.sized:
+                    self._size_to_budget(speed, t_start, bar)
                 out_of_time = time_limit is not None and time.perf_counter() - t_start > 60 * time_limit
                 if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
                     flag = torch.tensor(float(out_of_time), device=dev)
@@ -467,21 +467,17 @@ class Trainer:
         self.print(f"[{self.stage}] done: {self.final_path}")
         return self.eval_model
 
-    def _size_to_budget(self, probe: dict, t_start: float, bar) -> None:
+    def _size_to_budget(self, speed: dict, t_start: float, bar) -> None:
         """Fix self.total_steps from the speed of this process's steps PROBE_SKIP .. PROBE_SKIP +
         PROBE_STEPS, so that the whole warm-up + cosine schedule ends inside train.budget_minutes
         (capped at train.steps). Two device syncs in the whole run; rank 0's count is used by all ranks.
         Evaluations and sample grids inside the loop are not in the estimate (budget runs evaluate at
         the end)."""
-        done = self.step - probe["start_step"]
-        if done == PROBE_SKIP:
-            _sync(self.device)
-            probe["t0"] = time.perf_counter()
-        if done < PROBE_SKIP + PROBE_STEPS:
+        if self.step - speed["start_step"] < PROBE_SKIP + PROBE_STEPS:  # speed["t0"] is at PROBE_SKIP
             return
         _sync(self.device)
         now = time.perf_counter()
-        per_step = (now - probe["t0"]) / PROBE_STEPS
+        per_step = (now - speed["t0"]) / PROBE_STEPS
         remaining = 60 * self.tc.budget_minutes - (now - t_start)
         total = self.step + max(0, int(BUDGET_MARGIN * remaining / per_step))
         total = max(self.step, min(self.tc.steps, total))

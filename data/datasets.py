@@ -192,7 +192,8 @@ class CaptionedImages:
         # index_select copies whole rows (memcpy), far faster than advanced indexing of uint8; the
         # mirror is a select over the whole batch (finding the flipped rows first would be a sync).
         images = self.images.index_select(0, idx)  # (B, 3, H, W)
-        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)  # (B, 3, H, W)
+        if flip:  # a Python bool: no sync
+            images = torch.where(flipped[:, None, None, None], images.flip(-1), images)  # (B, 3, H, W)
         return images, cap, flipped
 
     def caption_of(self, i: int) -> str:
