@@ -152,8 +152,13 @@ def training_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike
     metrics_path = Path(metrics_path)
     if not metrics_path.is_file():
         return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "step" in r]
+    rows = []
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # blank, or torn by a crash: the resume that follows drops it too
+            continue
+    rows = [r for r in rows if isinstance(r, dict) and "loss" in r and "step" in r]
     if not rows:
         return None
     return line_plot([

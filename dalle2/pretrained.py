@@ -68,6 +68,10 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
     An existing `folder` is replaced only if it is empty or an earlier export (has model_index.json)."""
     if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    cast = [m for m in (model.prior.net, model.decoder.unet) if any(p.dtype != torch.float32 for p in m.parameters())]
+    if cast:  # DALLE2.lean (the first generate on a GPU) rounded them in place: the original weights are gone
+        raise CheckpointError("this model's networks were cast for sampling (DALLE2.lean, done by generate on a GPU), "
+                              "which rounded their weights: save from a freshly loaded model")
     folder = Path(folder)
     stages = {s: getattr(model, s) for s in STAGES}
     for name, m in stages.items():

@@ -106,3 +106,10 @@ def test_training_draws_loss_png_at_evaluations_and_the_end(tmp_path):
     img = Image.open(png)
     assert img.size == (920, 300)
     assert (np.asarray(img.convert("L")) < 128).mean() > 0.01  # axes, text and two curves
+
+
+def test_loss_curve_survives_a_torn_metrics_line(tmp_path):
+    from dalle2.plots import training_curves
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 10, "loss": 1.0, "lr": 0.1}\n{"step": 20, "loss": 0.5, "lr": 0.1}\n{"step": 30, "lo')
+    assert training_curves(metrics, tmp_path / "loss.png", "clip").is_file()

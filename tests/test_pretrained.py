@@ -334,3 +334,13 @@ def test_a_planted_malicious_pt_is_refused_wherever_a_pt_is_read(tiny_run, tmp_p
     # the payload is live: an unrestricted unpickler does run it (so the checks above mean something)
     torch.load(tmp_path / "zip" / "evil.pt", weights_only=False)
     assert marker.read_text() == "code ran"
+
+
+def test_a_model_cast_for_sampling_is_not_saved(tiny_run, tmp_path):
+    import torch
+    from dalle2 import DALLE2
+    from dalle2.checkpoint import CheckpointError
+    model = DALLE2.from_run(tiny_run[0]).lean(torch.bfloat16)  # what generate does on a GPU
+    with pytest.raises(CheckpointError, match="freshly loaded"):
+        model.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
