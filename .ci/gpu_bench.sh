@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sampling-speed check run on a lent GPU (not by CI), about 2-3 minutes in all: `python -m
-# dalle2.benchmark` on the shapes32 sizes (random weights; speed does not depend on them), single image
+# dalle2.evaluation.benchmark` on the shapes32 sizes (random weights; speed does not depend on them), single image
 # and batch 256, prior/decoder split, for the config's default (DDIM 50/64), 50-step DDIM and
 # DPM-Solver++(2M) at 15, 10 and 20 steps; eager (bf16 weights, channels_last), then compiled (CUDA
 # graphs) for DDIM 50 and dpmpp2m 15. Every case is capped by `timeout`, a failure does not stop the
@@ -27,7 +27,7 @@ log() { echo "=== $(date +%T) $*" | tee -a "$txt"; }
 bench() {  # NAME SECONDS ARGS...
   local name=$1 limit=$2; shift 2
   log "$name"
-  timeout "$limit" python3 -m dalle2.benchmark --device "${BENCH_DEVICE:-auto}" --batch-sizes "${BENCH_BS:-256}" \
+  timeout "$limit" python3 -m dalle2.evaluation.benchmark --device "${BENCH_DEVICE:-auto}" --batch-sizes "${BENCH_BS:-256}" \
     --repeats "${BENCH_REPEATS:-3}" --jsonl "$jsonl" ${BENCH_ARGS:-} "$@" 2>&1 | grep --line-buffered -v "^\s*$" | tee -a "$txt"
   [ "${PIPESTATUS[0]}" = 0 ] || echo "($name: failed or timed out)" | tee -a "$txt"
 }

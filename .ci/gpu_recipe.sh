@@ -41,7 +41,7 @@ export_stage() {
 import json, sys
 from pathlib import Path
 from safetensors.torch import save_file
-from dalle2.checkpoint import load_checkpoint
+from dalle2.core.checkpoint import load_checkpoint
 run, out, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 ckpt = load_checkpoint(run / f"{stage}.pt", stage)
 save_file({k: v.half().contiguous() for k, v in ckpt["model"].items()}, str(out / f"{stage}.safetensors"))
@@ -57,7 +57,7 @@ EOF
 
 log "data: shapes for preset $preset into $data"
 python3 -c "
-from dalle2.config import load_config; from data.datasets import load_dataset
+from dalle2.core.config import load_config; from data.datasets import load_dataset
 import sys; cfg = load_config(preset='$preset', overrides=sys.argv[1:])
 [load_dataset(cfg.data, s) for s in ('train', 'test')]" "data.root=$data" "${size[@]}" 2>&1 | bars_out
 
@@ -81,8 +81,8 @@ cp /tmp/recipe_samples/grid.png "$out/grid.png" 2>/dev/null
 log "evaluation: CLIP, prior, whole pipeline ($eval_n captions)"
 mkdir -p "$run/report"
 python3 clip/evaluate.py --checkpoint "$run/clip.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/clip_eval.txt"
-python3 dalle2/evaluate_prior.py --checkpoint "$run/prior.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/prior_eval.txt"
-python3 -m dalle2.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tail -60
+python3 dalle2/prior/evaluate.py --checkpoint "$run/prior.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/prior_eval.txt"
+python3 -m dalle2.evaluation.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tail -60
 tar czf "$out/report.tgz" -C "$run" report clip/metrics.jsonl prior/metrics.jsonl decoder/metrics.jsonl \
   clip/config.yml decoder/samples 2>/dev/null
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from dalle2.cli import main_wrapper
-from dalle2.config import add_config_args, data_config_for_checkpoint
-from dalle2.report import format_table
-from dalle2.runtime import pick_device
+from dalle2.core.cli import main_wrapper
+from dalle2.core.config import add_config_args, data_config_for_checkpoint
+from dalle2.evaluation.report import format_table
+from dalle2.core.runtime import pick_device
 from data.datasets import CaptionedImages, load_dataset, to_float
 
 
@@ -52,7 +52,7 @@ def heldout_mask(ds: CaptionedImages) -> torch.Tensor | None:
     """(N,) bool: images holding a zero-shot held-out colour-shape pair (shapes data only)."""
     if ds.metadata is None:
         return None
-    from dalle2.faithfulness import is_heldout
+    from dalle2.evaluation.faithfulness import is_heldout
     return torch.tensor([is_heldout(r["objects"]) for r in ds.metadata])
 
 
@@ -80,7 +80,7 @@ def true_caption_hits(best: torch.Tensor, texts: list[str], metadata: list[dict]
     judged from its metadata: the same number of objects, with every stated colour, shape, size and
     position right on distinct objects. Exact-string top-1 cannot reach 100% on shapes: "a red circle",
     "the red circle" and "a large red circle" can all describe one image."""
-    from dalle2.faithfulness import parse_caption, score
+    from dalle2.evaluation.faithfulness import parse_caption, score
     parsed = {}
     hits = []
     for i, j in enumerate(best.tolist()):

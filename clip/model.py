@@ -7,7 +7,7 @@ and a symmetric cross-entropy over the N x N cosine-similarity matrix of a batch
 matching pairs together. unCLIP (Ramesh et al. 2022) then uses the frozen model: the prior maps the text
 embedding (and the per-token encodings) to an image embedding, the decoder inverts the image embedding.
 
-Both encoders use the shared pre-LN `Transformer` from `dalle2.layers`.
+Both encoders use the shared pre-LN `Transformer` from `dalle2.core.layers`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle2.layers import Transformer
+from dalle2.core.layers import Transformer
 
 # exp(logit_scale) is clamped to at most 100 "to prevent scaling the logits by more than 100, which we
 # found necessary to prevent training instability" (CLIP, section 2.5).
@@ -177,7 +177,7 @@ class CLIP(nn.Module):
     def from_checkpoint(cls, path, map_location="cpu") -> "CLIP":
         """The CLIP saved at `path` by clip/train.py, with its tokenizer attached and .config, .step,
         .checkpoint_hash set. Loaded with weights_only=True."""
-        from dalle2.checkpoint import model_from_checkpoint
+        from dalle2.core.checkpoint import model_from_checkpoint
 
         def build(cfg, tokenizer):
             model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)

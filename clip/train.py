@@ -17,19 +17,19 @@ import torch
 from clip.evaluate import evaluate_clip
 from clip.model import build_clip
 from dalle2.pretrained import init_from, load_stage_weights
-from dalle2.cli import load_and_print_config, main_wrapper, training_parser
-from dalle2.tokenizer import Tokenizer
-from dalle2.runtime import cleanup_distributed, load_data, setup_distributed
-from dalle2.training import Trainer, init_seed
+from dalle2.core.cli import load_and_print_config, main_wrapper, training_parser
+from dalle2.core.tokenizer import Tokenizer
+from dalle2.core.runtime import cleanup_distributed, load_data, setup_distributed
+from dalle2.core.training import Trainer, init_seed
 from data.datasets import StepBatches, to_float
 
 
 def vocabulary_texts(data_cfg, captions) -> list:
     """The texts the vocabulary is built from: the training captions and, for shapes, every word of the
-    evaluation's prompts (dalle2.faithfulness), so that none of them is spelled byte by byte."""
+    evaluation's prompts (dalle2.evaluation.faithfulness), so that none of them is spelled byte by byte."""
     texts = list(captions)
     if data_cfg.dataset == "shapes":
-        from dalle2.faithfulness import PROMPT_VOCABULARY
+        from dalle2.evaluation.faithfulness import PROMPT_VOCABULARY
         texts += PROMPT_VOCABULARY
     return texts
 

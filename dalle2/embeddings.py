@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from data.datasets import CaptionedImages, to_float
 
-from .checkpoint import CheckpointError, atomic_torch_save
+from dalle2.core.checkpoint import CheckpointError, atomic_torch_save
 
 
 def data_key(ds: CaptionedImages) -> str:
@@ -129,9 +129,9 @@ def prepare_stage(args):
     Returns (dist, cfg, clip, clip_hash, train, test, emb_train, emb_test)."""
     from dataclasses import replace
 
-    from .cli import load_and_print_config
-    from .runtime import load_data, rank0_first, setup_distributed
-    from .training import TrainingError
+    from dalle2.core.cli import load_and_print_config
+    from dalle2.core.runtime import load_data, rank0_first, setup_distributed
+    from dalle2.core.training import TrainingError
 
     dist = setup_distributed(args.device)
     cfg = load_and_print_config(args, dist.is_main)

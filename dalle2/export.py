@@ -7,7 +7,7 @@
 To put figures measured on the exported (fp16) files themselves into the card, evaluate an export and
 export again with that report (the same run and flags give the same weights):
 
-    python -m dalle2.export runs /tmp/half --half && python -m dalle2.evaluate --checkpoints /tmp/half --out /tmp/half-report
+    python -m dalle2.export runs /tmp/half --half && python -m dalle2.evaluation.evaluate --checkpoints /tmp/half --out /tmp/half-report
     python -m dalle2.export runs checkpoints/shapes32 --half --report /tmp/half-report/report.json
 
 RUN_DIR holds clip.pt, prior.pt and decoder.pt (a run's --out); its report/report.json and
@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dalle2.cli import main_wrapper
+from dalle2.core.cli import main_wrapper
 
 
 def main(argv=None) -> Path:
@@ -32,7 +32,7 @@ def main(argv=None) -> Path:
     p.add_argument("--hardware", default=None, help="what it was trained on, for the model card")
     p.add_argument("--notes", default=None, help="a paragraph for the model card")
     p.add_argument("--report", default=None, help="the report.json whose figures go into the card (default: "
-                   "RUN_DIR/report/report.json; e.g. `python -m dalle2.evaluate` run on the export itself)")
+                   "RUN_DIR/report/report.json; e.g. `python -m dalle2.evaluation.evaluate` run on the export itself)")
     args = p.parse_args(argv)
     import torch
 

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from dalle2.cli import main_wrapper
-from dalle2.config import add_config_args, config_from_args
+from dalle2.core.cli import main_wrapper
+from dalle2.core.config import add_config_args, config_from_args
 
 STAGES = ("clip", "prior", "decoder")
 
@@ -58,8 +58,8 @@ def main(argv=None):
         print(f"[{i}/5] {stage}: done in {timings[stage]:.0f} s -> {out / f'{stage}.pt'}")
 
     t0 = time.perf_counter()
-    from dalle2.images import write_samples
-    from dalle2.runtime import pick_device
+    from dalle2.core.images import write_samples
+    from dalle2.core.runtime import pick_device
     from dalle2.unclip import DALLE2
     from data.datasets import load_dataset
     test = load_dataset(cfg.data, "test", generate_missing=False)
@@ -73,7 +73,7 @@ def main(argv=None):
     report = None
     if not args.skip_eval:
         t0 = time.perf_counter()
-        from dalle2 import evaluate
+        from dalle2.evaluation import evaluate
         eval_args = ["--checkpoints", str(out), "--out", str(out / "report"), "--device", args.device]
         if args.eval_n:
             eval_args += ["--limit", str(args.eval_n)]

@@ -31,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, state_hash
-from .files import atomic_write, atomic_write_text
+from dalle2.core.checkpoint import CheckpointError, load_checkpoint, state_hash
+from dalle2.core.files import atomic_write, atomic_write_text
 
 FORMAT_NAME = "open-dalle2"
 FORMAT_VERSION = 1
@@ -63,7 +63,7 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
     it was trained), "hardware", "notes", "git_commit" (default: this checkout's; command, hardware
     and commit default to those an earlier export of the same weights recorded), "run_dir" (where
     report/report.json and <stage>/metrics.jsonl are; default: the folder the decoder checkpoint was
-    loaded from), "report" (a report.json to use instead, e.g. `python -m dalle2.evaluate` run on the
+    loaded from), "report" (a report.json to use instead, e.g. `python -m dalle2.evaluation.evaluate` run on the
     export itself, which measures exactly the files shipped). Returns the folder.
     An existing `folder` is replaced only if it is empty or an earlier export (has model_index.json)."""
     if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
@@ -194,8 +194,8 @@ def load_pretrained(folder: str | os.PathLike | None = None, device="cpu"):
     """The DALLE2 exported to `folder` (default: the shipped weights, SHIPPED), moved to `device`.
     Nothing is unpickled: JSON and safetensors only. Any missing, unreadable or inconsistent file is
     one CheckpointError naming it."""
-    from .tokenizer import Tokenizer
-    from .unclip import DALLE2
+    from dalle2.core.tokenizer import Tokenizer
+    from dalle2.unclip import DALLE2
 
     if folder is None:
         if not SHIPPED.is_dir():
@@ -270,7 +270,7 @@ def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
     """One stage: config.json -> model, model.safetensors (its sha256 checked against the index) ->
     weights, with the attributes model_from_checkpoint sets (.config, .tokenizer, .step, .extra,
     .checkpoint_hash, .checkpoint_path)."""
-    from .config import ConfigError, config_from_dict
+    from dalle2.core.config import ConfigError, config_from_dict
 
     config_path, weights_path = folder / stage / CONFIG, folder / stage / WEIGHTS
     state, config = read_stage(folder, stage, entry)
@@ -312,9 +312,9 @@ def _build(stage: str, cfg, tokenizer):
         model.tokenizer = tokenizer
         return model
     if stage == "prior":
-        from .prior.model import build_prior
+        from dalle2.prior.model import build_prior
         return build_prior(cfg)
-    from .decoder.unet import build_decoder
+    from dalle2.decoder.model import build_decoder
     return build_decoder(cfg, tokenizer.vocab_size)
 
 
@@ -441,9 +441,9 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
     out += ["", "## Measured", ""]
     if report is None:
         out += ["No evaluation report was found in the run folder: these weights have not been measured. "
-                f"Measure them with `python -m dalle2.evaluate --checkpoints {name}`."]
+                f"Measure them with `python -m dalle2.evaluation.evaluate --checkpoints {name}`."]
     else:
-        from .report import markdown
+        from dalle2.evaluation.report import markdown
         try:
             body = markdown(report).splitlines()[1:]  # its title names the run folder
         except (KeyError, TypeError, AttributeError) as e:
@@ -451,9 +451,9 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
             report = None
         if not card.get("report") and index["dtype"] != "float32":
             out += [f"Measured on the run's float32 weights; these files are {index['dtype']}, so their figures may "
-                    f"differ slightly (`python -m dalle2.evaluate --checkpoints {name}` measures them exactly).", ""]
+                    f"differ slightly (`python -m dalle2.evaluation.evaluate --checkpoints {name}` measures them exactly).", ""]
         body = [line for line in body if "Pictures:" not in line]  # the pictures stay in the report folder
-        out += [f"From `{report_path}` (`python -m dalle2.evaluate`):"] + \
+        out += [f"From `{report_path}` (`python -m dalle2.evaluation.evaluate`):"] + \
                [("#" + line) if line.startswith("#") else line for line in body]  # one level down
     out += ["", "## What this model cannot do", "",
             f"- It draws only {d.image_size}x{d.image_size} images of what its training data shows"

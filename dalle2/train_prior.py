@@ -4,19 +4,19 @@
     python dalle2/train_prior.py --preset tiny --out runs/tiny [--clip PATH] [--resume]
 
 The frozen CLIP's embeddings are computed once and cached in OUT/cache/ (keyed by the CLIP's hash).
-Evaluates the sampled embeddings on the test split at the end (see dalle2/evaluate_prior.py).
+Evaluates the sampled embeddings on the test split at the end (see dalle2/prior/evaluate.py).
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 
 from dalle2.pretrained import init_from
-from dalle2.cli import main_wrapper, training_parser
+from dalle2.core.cli import main_wrapper, training_parser
 from dalle2.embeddings import prepare_stage
-from dalle2.evaluate_prior import evaluate_prior
+from dalle2.prior.evaluate import evaluate_prior
 from dalle2.prior import build_prior
-from dalle2.runtime import cleanup_distributed
-from dalle2.training import Trainer, init_seed
+from dalle2.core.runtime import cleanup_distributed
+from dalle2.core.training import Trainer, init_seed
 from data.datasets import StepBatches
 
 

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from data.datasets import to_float
 
-from .checkpoint import CheckpointError
-from .config import SamplingConfig
-from .embeddings import check_same_clip
-from .runtime import autocast, resolve_precision
+from dalle2.core.checkpoint import CheckpointError
+from dalle2.core.config import SamplingConfig
+from dalle2.embeddings import check_same_clip
+from dalle2.core.runtime import autocast, resolve_precision
 
 STAGES = ("clip", "prior", "decoder")
 
@@ -93,8 +93,8 @@ class DALLE2(nn.Module):
                          map_location="cpu") -> "DALLE2":
         from clip.model import CLIP
 
-        from .decoder import Decoder
-        from .prior import DiffusionPrior
+        from dalle2.decoder import Decoder
+        from dalle2.prior import DiffusionPrior
         return cls(CLIP.from_checkpoint(clip, map_location=map_location),
                    DiffusionPrior.from_checkpoint(prior, map_location=map_location),
                    Decoder.from_checkpoint(decoder, map_location=map_location))
@@ -117,7 +117,7 @@ class DALLE2(nn.Module):
         """An exported folder (model_index.json, safetensors: nothing is unpickled) or a training run
         folder (clip.pt, prior.pt, decoder.pt: as from_run), on `device`. No folder: the weights
         shipped in the repo's checkpoints/shapes32/ (see dalle2/pretrained.py)."""
-        from . import pretrained
+        from dalle2 import pretrained
         if folder is None or pretrained.is_pretrained_folder(folder):
             return pretrained.load_pretrained(folder, device=device)
         return cls.from_run(folder).to(device)
@@ -126,7 +126,7 @@ class DALLE2(nn.Module):
                         card: Optional[dict] = None) -> Path:
         """Export to `folder` for from_pretrained: safetensors + JSON + a model card (README.md).
         dtype=torch.float16 halves the files. See dalle2.pretrained.save_pretrained for `card`."""
-        from .pretrained import save_pretrained
+        from dalle2.pretrained import save_pretrained
         return save_pretrained(self, folder, dtype=dtype, card=card)
 
     @property
@@ -259,7 +259,7 @@ class DALLE2(nn.Module):
     @staticmethod
     def to_pil(images: torch.Tensor) -> list:
         """(N, 3, H, W) in [0, 1] -> list of PIL images."""
-        from .images import to_pil
+        from dalle2.core.images import to_pil
         return [to_pil(x) for x in images]
 
     # --- image manipulations (paper section 3) ----------------------------------------------

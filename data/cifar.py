@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import CaptionedImages, DatasetError, file_stamp, cached_images, resize_images
+from data.datasets import CaptionedImages, DatasetError, file_stamp, cached_images, resize_images
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dalle2.files import atomic_write, clean_orphans
+from dalle2.core.files import atomic_write, clean_orphans
 
 SPLITS = ("train", "test")
 DATASETS = ("shapes", "cifar10", "folder")
@@ -389,8 +389,8 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
         if not generate_missing:
             raise DatasetError(f"shapes dataset not found: {meta} does not exist (generate it with "
                                f"`python data/shapes.py --out {root}`)")
-        from dalle2.files import LockError
-        from .shapes import NotOurFolder, check_output_folder, generate  # lazy: only needed on first use
+        from dalle2.core.files import LockError
+        from data.shapes import NotOurFolder, check_output_folder, generate  # lazy: only needed on first use
         try:
             check_output_folder(root)
         except NotOurFolder as e:
@@ -434,7 +434,7 @@ def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects"
 def shapes_flipped_captions(records: list) -> list:
     """For each shapes record, [the caption true of its mirror image]: position words recomputed from
     the mirrored boxes (data/shapes.py `mirrored_caption`), flip_caption where a record lacks boxes."""
-    from .shapes import mirrored_caption
+    from data.shapes import mirrored_caption
     return [[mirrored_caption(r["caption"], r.get("objects")) or flip_caption(r["caption"])] for r in records]
 
 
@@ -462,10 +462,10 @@ def load_dataset(cfg, split: str, generate_missing: bool = True, progress: bool 
                            n_train=getattr(cfg, "n_train", 20000), n_test=getattr(cfg, "n_test", 2000),
                            seed=getattr(cfg, "seed", 0), generate_missing=generate_missing, progress=progress)
     if kind == "cifar10":
-        from .cifar import load_cifar10  # lazy: cifar.py imports this module
+        from data.cifar import load_cifar10  # lazy: cifar.py imports this module
         return load_cifar10(root, split, size, download=getattr(cfg, "download", False), progress=progress)
     if kind == "folder":
-        from .folder import load_folder  # lazy, like cifar: folder.py imports this module
+        from data.folder import load_folder  # lazy, like cifar: folder.py imports this module
         return load_folder(root, split, size, captions_file=getattr(cfg, "captions_file", "captions.jsonl"),
                            seed=getattr(cfg, "seed", 0), progress=progress)
     raise DatasetError(f"unknown dataset {kind!r}, expected one of {DATASETS}")

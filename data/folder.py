@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .datasets import (SPLITS, CaptionedImages, DatasetError, build_caption_table, cached_images, decode_images,
+from data.datasets import (SPLITS, CaptionedImages, DatasetError, build_caption_table, cached_images, decode_images,
                        inside_folder, jsonl_objects)
 
 

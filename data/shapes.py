@@ -327,7 +327,7 @@ def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 
     check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by data/shapes.py: generate() may replace train/ and test/ here\n")
-    from dalle2.files import FolderLock  # lazy, like preview(): generating pulls in nothing else
+    from dalle2.core.files import FolderLock  # lazy, like preview(): generating pulls in nothing else
     with FolderLock(out, "shapes generation"):
         _clean_split_orphans(out)
         return _generate_locked(out, variant, n_train, n_test, seed, progress)
@@ -335,7 +335,7 @@ def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 
 
 def _clean_split_orphans(out: Path) -> None:
     """Remove temporary split folders left by a killed generation (their pid is dead)."""
-    from dalle2.files import pid_alive
+    from dalle2.core.files import pid_alive
     for path in out.glob(".*.*-*"):
         tail = path.name.rsplit("-", 1)[-1]
         if path.is_dir() and tail.isdigit() and not pid_alive(int(tail)):
@@ -369,7 +369,7 @@ def preview(dataset_dir, out_png, n: int = 16, image_size=None) -> Path:
     """Write a captioned grid of the first n test images (resized to image_size if given, as the
     models see them: Pillow antialiased resize)."""
     # Imported here so that generating data never pulls in whatever the dalle2 package imports.
-    from dalle2.images import captioned_grid, save_image_atomic
+    from dalle2.core.images import captioned_grid, save_image_atomic
 
     split = Path(dataset_dir) / "test"
     with open(split / "metadata.jsonl") as f:
@@ -418,7 +418,7 @@ def main(argv=None) -> None:
     if args.preview is not None and args.n_test == 0:
         parser.error("--preview needs --n-test > 0")
 
-    from dalle2.files import LockError
+    from dalle2.core.files import LockError
     try:
         out = generate(args.out, args.variant, args.n_train, args.n_test, args.seed,
                        progress=not args.no_progress)

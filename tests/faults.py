@@ -47,7 +47,7 @@ def file_size_limit(n_bytes: int):
 
 def cli(main, argv: list, capsys) -> tuple:
     """Run an entry point's main through main_wrapper in this process: (exit code, stderr lines)."""
-    from dalle2.cli import main_wrapper
+    from dalle2.core.cli import main_wrapper
     capsys.readouterr()
     try:
         main_wrapper(main)([str(a) for a in argv])

@@ -1,10 +1,10 @@
-"""dalle2.benchmark on random tiny weights: settings parsing and the per-stage rows. CPU, seconds."""
+"""dalle2.evaluation.benchmark on random tiny weights: settings parsing and the per-stage rows. CPU, seconds."""
 import json
 
 import pytest
 
-from dalle2.benchmark import main, parse_settings
-from dalle2.config import SamplingConfig
+from dalle2.evaluation.benchmark import main, parse_settings
+from dalle2.core.config import SamplingConfig
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--set", "decoder.model.channels=16", "--set",
         "decoder.model.head_channels=16", "--set", "prior.model.width=32"]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dalle2.metrics import caption_match
-from dalle2.sweep import recommend
+from dalle2.evaluation.metrics import caption_match
+from dalle2.evaluation.sweep import recommend
 
 
 def test_perfect_wrong_and_chance_matches():

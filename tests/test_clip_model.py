@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clip import CLIP, build_clip, caption_labels, contrastive_loss
-from dalle2.tokenizer import Tokenizer
+from dalle2.core.tokenizer import Tokenizer
 
 CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle", "a small yellow star"]
 TINY = dict(embed_dim=16, vision_width=32, vision_layers=2, vision_heads=2, patch_size=8,

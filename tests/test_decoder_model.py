@@ -1,10 +1,10 @@
-"""The decoder UNet (dalle2/decoder/unet.py): shapes, zero init, GroupNorm-only, CFG dropout, padding."""
+"""The decoder UNet (dalle2/decoder/model.py): shapes, zero init, GroupNorm-only, CFG dropout, padding."""
 import pytest
 import torch
 import torch.nn as nn
 
 from dalle2.decoder import Decoder, UNet
-from dalle2.decoder.unet import ContextAttentionBlock
+from dalle2.decoder.model import ContextAttentionBlock
 
 TINY = dict(embed_dim=16, vocab_size=50, context_length=16, channels=32, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[8], head_channels=16, text_width=32, text_layers=1, text_heads=2)

@@ -80,7 +80,7 @@ def test_clip_i2t_top1_true_counts_objects_and_positions():
 
 
 def test_prior_oracle_and_caption_retrieval(monkeypatch):
-    import dalle2.evaluate_prior as ep
+    import dalle2.prior.evaluate as ep
     from dalle2.embeddings import Embeddings
     captions = ["a red circle"] * 3 + ["a blue square", "a white rectangle", "a white rectangle", "a small blue square"]
     objects = [[obj("red", "circle", s)] for s in ("small", "large", "medium")] + [[obj("blue", "square", "small")]] \
@@ -116,7 +116,7 @@ def test_prior_oracle_and_caption_retrieval(monkeypatch):
 
 
 def test_same_caption_oracle_equals_brute_force():
-    from dalle2.evaluate_prior import same_caption_oracle
+    from dalle2.prior.evaluate import same_caption_oracle
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(40, 6, generator=g), dim=-1)
     caption = torch.randint(0, 15, (40,), generator=g)

@@ -1,8 +1,8 @@
-"""dalle2/files.py: every artifact is written through one atomic helper."""
+"""dalle2/core/files.py: every artifact is written through one atomic helper."""
 import pytest
 
-from dalle2.files import atomic_write, atomic_write_text
-from dalle2.images import save_image_atomic
+from dalle2.core.files import atomic_write, atomic_write_text
+from dalle2.core.images import save_image_atomic
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

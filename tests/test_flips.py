@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dalle2.faithfulness import parse_caption, score
+from dalle2.evaluation.faithfulness import parse_caption, score
 from data.datasets import build_caption_table, flip_caption, load_dataset
 from data.shapes import mirror_bbox, mirrored_caption
 

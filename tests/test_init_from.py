@@ -3,7 +3,7 @@ fresh optimizer and schedule; mismatched settings are refused."""
 import pytest
 import torch
 
-from dalle2.checkpoint import CheckpointError, load_checkpoint
+from dalle2.core.checkpoint import CheckpointError, load_checkpoint
 
 
 def _weights(path):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dalle2.metrics import (fid_kid, fid_kid_from_features, frechet_distance, inception_features, kernel_distance,
+from dalle2.evaluation.metrics import (fid_kid, fid_kid_from_features, frechet_distance, inception_features, kernel_distance,
                             mean_pairwise_distance, memorisation, spread)
 
 

@@ -61,7 +61,7 @@ def test_stage_losses_have_no_sync():
 
 
 def _tiny_stages():
-    from dalle2.decoder.unet import Decoder, UNet
+    from dalle2.decoder.model import Decoder, UNet
     from dalle2.diffusion import GaussianDiffusion
     from dalle2.prior.model import DiffusionPrior, PriorNetwork
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def _tiny_stages():
 def test_compiled_training_step_has_no_graph_break():
     # train.compile=true compiles the loss wrapper; the schedule-array device cache used to break the graph
     # at every lookup (9 breaks in the prior's step, 13 in the decoder's).
-    from dalle2.training import _Objective
+    from dalle2.core.training import _Objective
     torch._dynamo.reset()
     for model, batch in _tiny_stages():
         for _ in range(2):  # the first call fills the device cache, the second finds it

@@ -41,7 +41,7 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
                    check=True, cwd=tmp_path, capture_output=True)
 
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
-    probe = ("import dalle2, dalle2.config as c; cfg = c.load_config(preset='tiny'); "
+    probe = ("import dalle2, dalle2.core.config as c; cfg = c.load_config(preset='tiny'); "
              "print(dalle2.__file__); print(c.DEFAULT_CONFIG); print(cfg.preset)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, check=True,
                          capture_output=True, text=True).stdout.split()

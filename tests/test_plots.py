@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dalle2.images import _font, _wrap, captioned_grid, draw_text
-from dalle2.plots import line_plot, nice_ticks, scatter_plot
-from dalle2.sweep import guidance_lines
+from dalle2.core.images import _font, _wrap, captioned_grid, draw_text
+from dalle2.core.plots import line_plot, nice_ticks, scatter_plot
+from dalle2.evaluation.sweep import guidance_lines
 
 
 @pytest.mark.parametrize("lo,hi,ticks", [
@@ -80,8 +80,8 @@ def test_captioned_grid_wraps_inside_the_tile():
 def test_training_draws_loss_png_at_evaluations_and_the_end(tmp_path):
     import torch
 
-    from dalle2.config import load_config
-    from dalle2.training import Trainer
+    from dalle2.core.config import load_config
+    from dalle2.core.training import Trainer
 
     class Regression(torch.nn.Module):
         def __init__(self):
@@ -109,7 +109,7 @@ def test_training_draws_loss_png_at_evaluations_and_the_end(tmp_path):
 
 
 def test_loss_curve_survives_a_torn_metrics_line(tmp_path):
-    from dalle2.plots import training_curves
+    from dalle2.core.plots import training_curves
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 10, "loss": 1.0, "lr": 0.1}\n{"step": 20, "loss": 0.5, "lr": 0.1}\n{"step": 30, "lo')
     assert training_curves(metrics, tmp_path / "loss.png", "clip").is_file()

@@ -15,7 +15,7 @@ import torch
 
 from dalle2 import DALLE2
 from dalle2 import pretrained
-from dalle2.checkpoint import CheckpointError
+from dalle2.core.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("clip", "prior", "decoder")
@@ -278,18 +278,18 @@ def test_every_pt_reader_uses_weights_only():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
                 sites[str(path.relative_to(REPO))] = line
-    assert set(sites) == {"dalle2/checkpoint.py", "dalle2/embeddings.py", "dalle2/metrics.py", "dalle2/reader.py"}
+    assert set(sites) == {"dalle2/core/checkpoint.py", "dalle2/embeddings.py", "dalle2/evaluation/metrics.py", "dalle2/evaluation/reader.py"}
 
 
 def test_a_planted_malicious_pt_is_refused_wherever_a_pt_is_read(tiny_run, tmp_path):
     from clip.model import CLIP
     from clip.train import main as train_clip
-    from dalle2.checkpoint import load_checkpoint
+    from dalle2.core.checkpoint import load_checkpoint
     from dalle2.decoder import Decoder
     from dalle2.embeddings import load_or_compute
-    from dalle2.metrics import load_inception
+    from dalle2.evaluation.metrics import load_inception
     from dalle2.prior import DiffusionPrior
-    from dalle2.reader import AttributeReader
+    from dalle2.evaluation.reader import AttributeReader
     from data.datasets import load_dataset
 
     marker = tmp_path / "marker"
@@ -339,7 +339,7 @@ def test_a_planted_malicious_pt_is_refused_wherever_a_pt_is_read(tiny_run, tmp_p
 def test_a_model_cast_for_sampling_is_not_saved(tiny_run, tmp_path):
     import torch
     from dalle2 import DALLE2
-    from dalle2.checkpoint import CheckpointError
+    from dalle2.core.checkpoint import CheckpointError
     model = DALLE2.from_run(tiny_run[0]).lean(torch.bfloat16)  # what generate does on a GPU
     with pytest.raises(CheckpointError, match="freshly loaded"):
         model.save_pretrained(tmp_path / "export")

@@ -1,4 +1,4 @@
-"""Tests for the attribute reader (dalle2/reader.py) and caption faithfulness (dalle2/faithfulness.py)."""
+"""Tests for the attribute reader (dalle2/evaluation/reader.py) and caption faithfulness (dalle2/evaluation/faithfulness.py)."""
 
 import random
 
@@ -7,8 +7,8 @@ import torch
 
 from data.datasets import square_resize, to_float
 from data.shapes import HOLDOUT_PAIRS, make_caption, position_word, render, size_word
-from dalle2.faithfulness import aggregate, evaluate, is_heldout, parse_caption, prompt_sets, score
-from dalle2.reader import (VERSION, AttributeReader, label_components, match_boxes, reader_accuracy,
+from dalle2.evaluation.faithfulness import aggregate, evaluate, is_heldout, parse_caption, prompt_sets, score
+from dalle2.evaluation.reader import (VERSION, AttributeReader, label_components, match_boxes, reader_accuracy,
                            render_scenes)
 
 

@@ -65,7 +65,7 @@ def test_shapes_cli_refuses_a_nonempty_foreign_out(tmp_path):
 # --- 2. re-running a stage never destroys the finished model ----------------------------------
 
 def test_rerun_without_resume_is_refused_and_overwrite_starts_a_fresh_log(tmp_path):
-    from dalle2.training import TrainingError
+    from dalle2.core.training import TrainingError
     from test_training import get_batch, losses, make_trainer
     make_trainer(tmp_path, steps=4).fit(get_batch)
     before = (tmp_path / "clip.pt").read_bytes(), (tmp_path / "clip" / "checkpoint.pt").read_bytes()
@@ -88,11 +88,11 @@ def test_training_cli_refuses_a_rerun_in_one_line(tiny_run, capsys):
 
 # --- 5. locks on run folders and on dataset generation ----------------------------------------
 
-HOLD_LOCK = "import sys, time; from dalle2.files import FolderLock; FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD_LOCK = "import sys, time; from dalle2.core.files import FolderLock; FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
 
 
 def test_second_training_into_one_folder_is_refused_and_stale_locks_are_taken_over(tmp_path):
-    from dalle2.files import LockError
+    from dalle2.core.files import LockError
     from test_training import get_batch, make_trainer
     holder = faults.start_py(["-c", HOLD_LOCK, tmp_path / "clip"])
     try:
@@ -134,7 +134,7 @@ SLOW_TRAINING = """
 import sys, time
 sys.path.insert(0, 'tests')
 from test_training import get_batch, make_trainer
-from dalle2.cli import main_wrapper
+from dalle2.core.cli import main_wrapper
 out, flag = sys.argv[1], sys.argv[2]
 def slow(step):
     if step == 3:
@@ -147,7 +147,7 @@ main_wrapper(lambda argv: make_trainer(out, steps=100000).fit(slow))([])
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_like_ctrl_c(tmp_path):
-    from dalle2.checkpoint import load_checkpoint
+    from dalle2.core.checkpoint import load_checkpoint
     flag = tmp_path / "started"
     proc = faults.start_py(["-c", SLOW_TRAINING, tmp_path / "run", flag])
     faults.wait_for(flag.exists, proc=proc)
@@ -212,7 +212,7 @@ def test_cifar_reader_still_reads_numpy_pickled_with_any_protocol(tmp_path):
 
 def test_evaluation_takes_the_data_location_from_the_user_never_the_checkpoint(tiny_run, tmp_path, monkeypatch):
     from clip.evaluate import main as eval_clip
-    from dalle2.checkpoint import atomic_torch_save, load_checkpoint
+    from dalle2.core.checkpoint import atomic_torch_save, load_checkpoint
     from test_datasets import write_fake_cifar
     run, argv = tiny_run
     root = argv[argv.index("--set") + 1].split("=", 1)[1]
@@ -367,7 +367,7 @@ def test_a_png_replaced_in_place_rebuilds_the_image_cache(tmp_path):
 
 @pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf", "1e999"])
 def test_config_refuses_non_finite_numbers(value):
-    from dalle2.config import ConfigError, load_config
+    from dalle2.core.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"sampling.guidance_scale: expected a finite number"):
         load_config(overrides=[f"sampling.guidance_scale={value}"])
 
@@ -427,7 +427,7 @@ def test_many_images_need_yes_and_are_streamed_with_a_capped_grid(tiny_run, tmp_
         with Image.open(tmp_path / "o" / name) as a, Image.open(one / name) as b:
             assert a.text["dalle2"] == b.text["dalle2"]
             assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
-    from dalle2.images import captioned_grid
+    from dalle2.core.images import captioned_grid
     tiles = [Image.open(tmp_path / "o" / name).convert("RGB") for name in ("0000_0.png", "0000_1.png")]
     expected = captioned_grid(tiles, ["a red circle"] * 2, cols=2)
     with Image.open(tmp_path / "o" / "grid.png") as grid:
@@ -438,7 +438,7 @@ def test_many_images_need_yes_and_are_streamed_with_a_capped_grid(tiny_run, tmp_
 # --- 9. one line, not a traceback -------------------------------------------------------------
 
 def test_config_file_and_set_problems_are_config_errors(tmp_path):
-    from dalle2.config import ConfigError, load_config
+    from dalle2.core.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"--set clip.train.lr=\[1,: the value is not valid YAML"):
         load_config(overrides=["clip.train.lr=[1,"])
     with pytest.raises(ConfigError, match="is a folder, not a config file"):
@@ -457,8 +457,8 @@ def test_training_cli_config_errors_are_one_line(tmp_path, capsys):
 
 def test_a_read_only_run_folder_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     import errno
-    import dalle2.files as files
-    from dalle2.cli import main_wrapper
+    import dalle2.core.files as files
+    from dalle2.core.cli import main_wrapper
     from test_training import get_batch, make_trainer
 
     def read_only(path, mode="r", *a, **k):
@@ -475,9 +475,9 @@ def test_a_read_only_run_folder_is_one_line_naming_the_file(tmp_path, monkeypatc
 
 def test_a_final_model_as_resume_checkpoint_and_other_vocabulary_are_refused(tmp_path):
     import shutil
-    from dalle2.config import load_config
-    from dalle2.tokenizer import Tokenizer
-    from dalle2.training import Trainer, TrainingError
+    from dalle2.core.config import load_config
+    from dalle2.core.tokenizer import Tokenizer
+    from dalle2.core.training import Trainer, TrainingError
     from test_training import Toy, get_batch, make_trainer
     make_trainer(tmp_path, steps=2).fit(get_batch)
     shutil.copy(tmp_path / "clip.pt", tmp_path / "clip" / "checkpoint.pt")
@@ -493,8 +493,8 @@ def test_a_final_model_as_resume_checkpoint_and_other_vocabulary_are_refused(tmp
 # --- 10. the last good checkpoint is sane; two fresh runs start from the same weights ------------
 
 def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path):
-    from dalle2.checkpoint import load_checkpoint
-    from dalle2.training import TrainingError
+    from dalle2.core.checkpoint import load_checkpoint
+    from dalle2.core.training import TrainingError
     from test_training import get_batch, make_trainer
     trainer = make_trainer(tmp_path, steps=10, ema=0.0)  # saves at steps 2, 4, 6, ...
     real_step, calls = trainer.optimizer.step, []
@@ -515,7 +515,7 @@ def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path):
 
 def test_two_fresh_runs_start_from_the_same_weights(tmp_path):
     from clip.train import main as train_clip
-    from dalle2.checkpoint import load_checkpoint
+    from dalle2.core.checkpoint import load_checkpoint
     from dalle2.train_prior import main as train_prior
     common = ["--preset", "tiny", "--quiet", *tiny_overrides(tmp_path / "shapes", n_train=32, n_test=8, steps=1)]
     for run in ("a", "b"):
@@ -528,7 +528,7 @@ def test_two_fresh_runs_start_from_the_same_weights(tmp_path):
 
 
 def test_folder_lock_works_without_hard_links(tmp_path, monkeypatch):
-    from dalle2.files import FolderLock, LockError
+    from dalle2.core.files import FolderLock, LockError
     def no_links(*a):
         raise PermissionError(1, "Operation not permitted")
     monkeypatch.setattr(os, "link", no_links)
@@ -542,14 +542,14 @@ def test_folder_lock_works_without_hard_links(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_time_limit_must_be_a_finite_number_of_minutes(value, capsys):
-    from dalle2.cli import training_parser
+    from dalle2.core.cli import training_parser
     with pytest.raises(SystemExit):
         training_parser("x", "clip").parse_args(["--time-limit", value])
     assert "--time-limit: must be a finite number of minutes >= 0" in capsys.readouterr().err
 
 
 def test_atomic_write_never_writes_through_a_planted_temporary_symlink(tmp_path):
-    from dalle2.files import atomic_write_text
+    from dalle2.core.files import atomic_write_text
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "run").mkdir()

@@ -245,7 +245,7 @@ def test_networks_with_bf16_weights_get_bf16_inputs_and_float32_arithmetic():
 
 
 def test_guidance_interval_config_is_checked_at_load_time():
-    from dalle2.config import ConfigError, load_config
+    from dalle2.core.config import ConfigError, load_config
     assert load_config().sampling.guidance_interval == [0.0, 1.0]
     assert load_config(overrides=["sampling.guidance_interval=[0.2, 0.8]"]).sampling.guidance_interval == [0.2, 0.8]
     for bad in ("[0.8, 0.2]", "[0.2, 1.5]", "[0.5]", "[-0.1, 0.5]"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dalle2 import DALLE2
-from dalle2.checkpoint import CheckpointError
+from dalle2.core.checkpoint import CheckpointError
 from dalle2.diffusion import classifier_free_guidance
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """Tests for the shapes dataset generator (data/shapes.py) against data/SHAPES_SPEC.md,
-and for the image utilities it uses (dalle2/images.py)."""
+and for the image utilities it uses (dalle2/core/images.py)."""
 
 import collections
 import hashlib
@@ -16,7 +16,7 @@ from PIL import Image, ImageChops
 from data import shapes
 from data.shapes import (BACKGROUND, CANVAS, COLOURS, HOLDOUT_PAIRS, MIN_LEN, SHAPES, generate,
                          make_caption, position_word, render, sample_scene, size_word)
-from dalle2.images import captioned_grid, save_image_atomic
+from dalle2.core.images import captioned_grid, save_image_atomic
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "shapes.py"
 
@@ -373,7 +373,7 @@ def test_preview_and_grid(small_dataset, tmp_path):
 
 def test_to_pil():
     torch = pytest.importorskip("torch")
-    from dalle2.images import to_pil
+    from dalle2.core.images import to_pil
 
     x = torch.zeros(3, 4, 5)
     x[0] = 1.0

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dalle2.faithfulness import parse_caption, score
+from dalle2.evaluation.faithfulness import parse_caption, score
 from data.datasets import load_dataset
 from data.shapes import HOLDOUT_PAIRS, generate, render
 
@@ -73,5 +73,5 @@ def test_both_images_match_their_records_and_flips_are_true(both):
     for i, r in enumerate(train.metadata):  # the positions half gets mirrored position words
         flipped = train.captions[int(train.flip_ids[train.caption_ids[i, 0]])]
         assert score(parse_caption(flipped), mirrored_objects(r["objects"]))["exact"], (r, flipped)
-    from dalle2.config import load_config  # the new value validates
+    from dalle2.core.config import load_config  # the new value validates
     assert load_config(overrides=["data.variant=both"]).data.variant == "both"

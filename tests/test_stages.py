@@ -11,7 +11,7 @@ import torch
 
 from clip.model import CLIP
 from conftest import tiny_overrides
-from dalle2.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+from dalle2.core.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
 from dalle2.decoder import Decoder
 from dalle2.embeddings import load_or_compute
 from dalle2.prior import DiffusionPrior
@@ -44,7 +44,7 @@ def test_checkpoints_round_trip_to_identical_outputs(tiny_run):
 
 def test_evaluate_scripts_on_tiny_checkpoints(tiny_run, capsys):
     from clip.evaluate import main as eval_clip
-    from dalle2.evaluate_prior import main as eval_prior
+    from dalle2.prior.evaluate import main as eval_prior
     run, argv = tiny_run
     root = argv[argv.index("--set") + 1].split("=", 1)[1]  # data.root of the tiny run
     result = eval_clip(["--checkpoint", str(run / "clip.pt"), "--set", f"data.root={root}"])
@@ -57,7 +57,7 @@ def test_evaluate_scripts_on_tiny_checkpoints(tiny_run, capsys):
 
 
 def test_wrong_stage_and_mismatched_clip_are_one_line_errors(tiny_run, tmp_path):
-    from dalle2.evaluate_prior import main as eval_prior
+    from dalle2.prior.evaluate import main as eval_prior
     run, _ = tiny_run
     with pytest.raises(CheckpointError, match="is a 'prior' checkpoint, expected a 'clip'"):
         CLIP.from_checkpoint(run / "prior.pt")

@@ -4,7 +4,7 @@ import functools
 import pytest
 import torch
 
-from dalle2.tokenizer import Tokenizer
+from dalle2.core.tokenizer import Tokenizer
 
 CAPTIONS = ["a large gold pentagon and the small navy square", "an orange circle", "a small teal triangle at the bottom right"]
 
@@ -68,8 +68,8 @@ def test_shapes_context_length_fits_every_caption_and_prompt(preset):
     # Defect 5: context_length is sized to the data (16; longest caption 11 tokens), and the
     # evaluation's prompts fit too with the vocabulary clip/train.py builds for shapes.
     from clip.train import check_caption_lengths, vocabulary_texts
-    from dalle2.config import load_config
-    from dalle2.faithfulness import prompt_sets
+    from dalle2.core.config import load_config
+    from dalle2.evaluation.faithfulness import prompt_sets
     cfg = load_config(preset=preset)
     assert cfg.clip.model.context_length == 16
     captions = list(shapes_captions("objects") + shapes_captions("positions"))

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dalle2.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
-from dalle2.config import load_config
-from dalle2.tokenizer import Tokenizer
-from dalle2.training import EMA, Trainer, TrainingError, lr_at
+from dalle2.core.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+from dalle2.core.config import load_config
+from dalle2.core.tokenizer import Tokenizer
+from dalle2.core.training import EMA, Trainer, TrainingError, lr_at
 
 
 class Toy(nn.Module):
@@ -163,7 +163,7 @@ def test_time_limit_finishes_early_with_a_final_checkpoint(tmp_path):
 
 
 class FakeClock:
-    """time.perf_counter for dalle2.training that advances one second per training step (per batch)."""
+    """time.perf_counter for dalle2.core.training that advances one second per training step (per batch)."""
 
     def __init__(self):
         self.now = 1000.0
@@ -177,7 +177,7 @@ class FakeClock:
 
 
 def test_budget_sizes_the_run_and_completes_the_schedule(tmp_path, monkeypatch):
-    import dalle2.training as training
+    import dalle2.core.training as training
     clock = FakeClock()
     monkeypatch.setattr(training.time, "perf_counter", clock)
     trainer = make_trainer(tmp_path, steps=10_000, budget_minutes=1.0, save_every=1000, log_every=1000)
@@ -193,7 +193,7 @@ def test_budget_sizes_the_run_and_completes_the_schedule(tmp_path, monkeypatch):
 
 
 def test_budget_capped_by_steps_and_resume_keeps_the_sized_schedule(tmp_path, monkeypatch):
-    import dalle2.training as training
+    import dalle2.core.training as training
     clock = FakeClock()
     monkeypatch.setattr(training.time, "perf_counter", clock)
     capped = make_trainer(tmp_path / "capped", steps=40, budget_minutes=10.0)
@@ -221,8 +221,8 @@ def test_budget_capped_by_steps_and_resume_keeps_the_sized_schedule(tmp_path, mo
 
 
 def test_training_speed_and_flops_are_reported(tmp_path, capsys):
-    from dalle2.runtime import bf16_peak_tflops
-    from dalle2.training import training_flops
+    from dalle2.core.runtime import bf16_peak_tflops
+    from dalle2.core.training import training_flops
     trainer = make_trainer(tmp_path, steps=12)
     trainer.fit(get_batch)
     records = [json.loads(l) for l in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle2.checkpoint import model_from_checkpoint
+from dalle2.core.checkpoint import model_from_checkpoint
 from dalle2.diffusion import GaussianDiffusion
-from dalle2.layers import TimestepEmbedding, Transformer
+from dalle2.core.layers import TimestepEmbedding, Transformer
 
 
 def check_text_inputs(text_emb: torch.Tensor, text_enc: torch.Tensor, text_mask: torch.Tensor, *,

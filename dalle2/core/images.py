@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .files import atomic_write, atomic_write_text
+from dalle2.core.files import atomic_write, atomic_write_text
 
 
 def to_pil(x) -> Image.Image:

@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 import yaml
 
-from .files import atomic_write_text
+from dalle2.core.files import atomic_write_text
 
 # Shipped inside the package (package data), so an editable and a normal install find it the same
 # way: next to this file, never from the working directory.
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "model_config.yml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model_config.yml"
 DEFAULT_PRESET = "shapes32"
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .files import atomic_write_text
-from .images import captioned_grid, save_image_atomic, to_pil
+from dalle2.core.files import atomic_write_text
+from dalle2.core.images import captioned_grid, save_image_atomic, to_pil
 
 ATTRS = ("colour", "shape", "size", "position", "binding", "count", "exact")
 

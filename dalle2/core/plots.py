@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import draw_text, save_image_atomic, text_width
+from dalle2.core.images import draw_text, save_image_atomic, text_width
 
 COLOURS = ("navy", "darkorange", "seagreen", "purple", "firebrick", "teal")
 

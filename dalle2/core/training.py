@@ -31,11 +31,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
-from .config import Config, TrainConfig, save_config
-from .files import FolderLock, atomic_write_text, clean_orphans
-from .report import format_table
-from .runtime import DistInfo, _sync, autocast, bf16_peak_tflops, make_grad_scaler, resolve_precision
+from dalle2.core.checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
+from dalle2.core.config import Config, TrainConfig, save_config
+from dalle2.core.files import FolderLock, atomic_write_text, clean_orphans
+from dalle2.evaluation.report import format_table
+from dalle2.core.runtime import DistInfo, _sync, autocast, bf16_peak_tflops, make_grad_scaler, resolve_precision
 
 
 MAX_SANE_WEIGHT = 1e6  # no weight of a working model gets near this; a diverged one passes it before going inf
@@ -331,7 +331,7 @@ class Trainer:
     def plot_curves(self) -> None:
         """DIR/<stage>/loss.png: loss and learning rate so far (at each evaluation and at the end)."""
         if self.dist.is_main:
-            from .plots import training_curves
+            from dalle2.core.plots import training_curves
             training_curves(self.metrics_path, self.run_dir / "loss.png", self.stage)
 
     def print(self, text: str) -> None:

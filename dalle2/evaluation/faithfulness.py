@@ -2,7 +2,7 @@
 
 Captions of the shapes dataset (data/SHAPES_SPEC.md) have an exact meaning: a list of objects,
 each with a colour, a shape and optionally a size and a position word. `parse_caption` turns a
-caption into that list; the attribute reader (dalle2/reader.py) turns an image into the list of
+caption into that list; the attribute reader (dalle2/evaluation/reader.py) turns an image into the list of
 objects it shows; `score` compares the two; `aggregate` turns per-image scores into accuracies,
 split into seen and zero-shot held-out colour-shape pairs.
 
@@ -32,7 +32,7 @@ from typing import Sequence
 
 from data.shapes import COLOURS, HOLDOUT_PAIRS, P_DROP_SIZE, SHAPES, sample_scene
 
-from .reader import ATTRIBUTES
+from dalle2.evaluation.reader import ATTRIBUTES
 
 SIZES = ("small", "medium", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left", "right", "center")

@@ -1,9 +1,9 @@
 """Sampling speed of the whole pipeline (CLIP text encoder -> prior -> decoder), as a table.
 
-    python -m dalle2.benchmark                                   # shapes32-sized models, random weights
-    python -m dalle2.benchmark --checkpoints runs                # trained models
-    python -m dalle2.benchmark --preset tiny --device cpu --batch-sizes 8 --single 1
-    python -m dalle2.benchmark --settings default,ddim:50:50,dpmpp2m:15:15 --jsonl bench.jsonl
+    python -m dalle2.evaluation.benchmark                                   # shapes32-sized models, random weights
+    python -m dalle2.evaluation.benchmark --checkpoints runs                # trained models
+    python -m dalle2.evaluation.benchmark --preset tiny --device cpu --batch-sizes 8 --single 1
+    python -m dalle2.evaluation.benchmark --settings default,ddim:50:50,dpmpp2m:15:15 --jsonl bench.jsonl
 
 Speed does not depend on the weights, so without checkpoints the models are built at the preset's
 sizes with random weights. `--settings` lists what is timed: "default" (the sampling config: its
@@ -32,9 +32,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from dalle2.cli import main_wrapper
-from dalle2.config import add_config_args, config_from_args
-from dalle2.runtime import pick_device
+from dalle2.core.cli import main_wrapper
+from dalle2.core.config import add_config_args, config_from_args
+from dalle2.core.runtime import pick_device
 
 CAPTIONS = ["a large gold pentagon and a small blue circle", "an orange circle", "the small teal triangle",
             "a medium white rectangle and a navy square"]
@@ -45,7 +45,7 @@ def random_pipeline(cfg, device):
     from clip.model import build_clip
     from dalle2.decoder import build_decoder
     from dalle2.prior import build_prior
-    from dalle2.tokenizer import Tokenizer
+    from dalle2.core.tokenizer import Tokenizer
     from dalle2.unclip import DALLE2
     from data.shapes import COLOURS, SHAPES
     words = [f"a {size} {c} {s}" for size in ("small", "medium", "large") for c in COLOURS for s in SHAPES]

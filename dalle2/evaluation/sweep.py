@@ -1,9 +1,9 @@
 """Guidance sweep: sample at several guidance scales (and step counts), evaluate each, plot
 faithfulness against diversity and distance, and recommend a setting.
 
-    python -m dalle2.sweep --checkpoints runs --guidance 1,2,3,5 [--prior-guidance 1] [--steps 50]
+    python -m dalle2.evaluation.sweep --checkpoints runs --guidance 1,2,3,5 [--prior-guidance 1] [--steps 50]
                            [--limit 200] [--out runs/sweep]
-    python -m dalle2.sweep --checkpoints runs --guidance 3 --samplers ddim,dpmpp2m --steps 10,15,20,50 \
+    python -m dalle2.evaluation.sweep --checkpoints runs --guidance 3 --samplers ddim,dpmpp2m --steps 10,15,20,50 \
                            --prior-steps 10,20,64    # samplers and step counts (decoder, prior)
 
 Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. The recommended setting has the highest
@@ -18,12 +18,12 @@ import itertools
 import json
 from pathlib import Path
 
-from dalle2.cli import main_wrapper
-from dalle2.config import add_config_args
+from dalle2.core.cli import main_wrapper
+from dalle2.core.config import add_config_args
 from dalle2.diffusion import SAMPLERS
-from dalle2.evaluate import RealFeatures, evaluate_settings, load_everything
-from dalle2.files import atomic_write_text
-from dalle2.runtime import pick_device
+from dalle2.evaluation.evaluate import RealFeatures, evaluate_settings, load_everything
+from dalle2.core.files import atomic_write_text
+from dalle2.core.runtime import pick_device
 
 
 def _floats(text: str) -> list[float]:
@@ -80,7 +80,7 @@ def main(argv=None):
     samplers = [s.strip() for s in (args.samplers or "").split(",") if s.strip()]
     if any(s not in SAMPLERS for s in samplers):  # before anything is loaded
         raise SystemExit(f"error: --samplers {args.samplers}: each must be one of {', '.join(SAMPLERS)}")
-    from dalle2.plots import scatter_plot
+    from dalle2.core.plots import scatter_plot
     device = pick_device(args.device)
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(

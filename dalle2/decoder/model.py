@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle2.checkpoint import model_from_checkpoint
-from dalle2.layers import Attention, TimestepEmbedding, Transformer
+from dalle2.core.checkpoint import model_from_checkpoint
+from dalle2.core.layers import Attention, TimestepEmbedding, Transformer
 
 
 def norm_groups(channels: int) -> int:

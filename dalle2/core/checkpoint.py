@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .files import atomic_write
+from dalle2.core.files import atomic_write
 
 FORMAT = 1
 
@@ -71,8 +71,8 @@ def model_from_checkpoint(path: str | os.PathLike, stage: str, build, map_locati
     then load the weights. The model gets `.config`, `.tokenizer`, `.step`, `.extra`,
     `.checkpoint_hash` (of its weights: what later stages record to detect a mismatched CLIP) and
     `.checkpoint_path` attributes."""
-    from .config import ConfigError, config_from_dict
-    from .tokenizer import Tokenizer
+    from dalle2.core.config import ConfigError, config_from_dict
+    from dalle2.core.tokenizer import Tokenizer
 
     ckpt = load_checkpoint(path, stage, map_location)
     try:

@@ -1,6 +1,6 @@
 """Evaluate a diffusion prior: how close are its sampled image embeddings to the real ones?
 
-    python dalle2/evaluate_prior.py --checkpoint runs/prior.pt [--clip runs/clip.pt] [--split test] [--steps 64]
+    python dalle2/prior/evaluate.py --checkpoint runs/prior.pt [--clip runs/clip.pt] [--split test] [--steps 64]
 
 For every image of the split, one embedding is sampled from its caption (DDIM, `candidates` per caption,
 the one closest to the caption kept) and compared with (a) the image's true CLIP embedding, (b) the
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip.evaluate import heldout_mask, true_caption_hits
-from dalle2.report import format_table
-from dalle2.cli import main_wrapper
-from dalle2.config import add_config_args, apply_overrides, data_config_for_checkpoint
+from dalle2.evaluation.report import format_table
+from dalle2.core.cli import main_wrapper
+from dalle2.core.config import add_config_args, apply_overrides, data_config_for_checkpoint
 from dalle2.embeddings import Embeddings, check_same_clip, load_clip_for_stage, load_or_compute
-from dalle2.runtime import pick_device
+from dalle2.core.runtime import pick_device
 from data.datasets import CaptionedImages, load_dataset
 
 
@@ -170,7 +170,7 @@ def main(argv=None):
     if metrics.parent.is_dir():
         with open(metrics, "a") as f:
             f.write(json.dumps({"step": prior.step, "eval": result, "split": args.split,
-                                "source": "dalle2/evaluate_prior.py"}) + "\n")
+                                "source": "dalle2/prior/evaluate.py"}) + "\n")
     return result
 
 

@@ -8,16 +8,16 @@ import math
 import sys
 from typing import Callable
 
-from .config import ConfigError, add_config_args, config_from_args
+from dalle2.core.config import ConfigError, add_config_args, config_from_args
 
 
 def known_errors() -> tuple:
     """Exceptions that mean bad input (a file, a key, a value): shown as one line, no traceback."""
     from data.datasets import DatasetError
 
-    from .checkpoint import CheckpointError
-    from .files import LockError
-    from .training import TrainingError
+    from dalle2.core.checkpoint import CheckpointError
+    from dalle2.core.files import LockError
+    from dalle2.core.training import TrainingError
     # OSError: a missing or unreadable file, a full disk, a read-only folder: the message names the file
     # FloatingPointError: sampling produced NaN pixels (DALLE2.generate refuses to return them)
     return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, OSError, FloatingPointError)

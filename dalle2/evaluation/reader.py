@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from data.datasets import square_resize
 from data.shapes import BACKGROUND, CANVAS, COLOURS, SHAPES, position_word, render, sample_scene, size_word
 
-from .checkpoint import atomic_torch_save
+from dalle2.core.checkpoint import atomic_torch_save
 
 VERSION = 1  # bump when reading or training changes, so cached readers are rebuilt
 COLOUR_NAMES = tuple(COLOURS)

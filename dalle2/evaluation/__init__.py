@@ -1,0 +1,4 @@
+"""The instruments: the attribute reader, caption faithfulness, image metrics, the evaluation report,
+the guidance sweep and the speed benchmark. They measure the models; nothing below them imports them
+(tests/test_layering.py enforces it).
+"""
