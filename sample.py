@@ -18,9 +18,20 @@ import math
 import os
 from pathlib import Path
 
+from dalle2 import DALLE2
 from dalle2.core.cli import main_wrapper, read_prompts
-from dalle2.diffusion import SAMPLERS
+from dalle2.core.files import clean_orphans
+from dalle2.core.images import (
+    captioned_grid,
+    sample_names,
+    save_image_atomic,
+    save_sample,
+    write_sample_records,
+    write_samples,
+)
 from dalle2.core.runtime import pick_device
+from dalle2.diffusion import SAMPLERS
+from dalle2.pretrained import shipped_or
 from dalle2.unclip import image_seeds
 
 
@@ -95,7 +106,6 @@ def write_streamed(model, captions: list, n: int, out: Path, args, kwargs: dict)
     """Draw and save the images a few captions at a time, so memory stays bounded; grid.png gets the
     first GRID_MAX. Each image gets the seed one call would give it (its record's), so the files are
     those of one call, with the same text chunks and samples.jsonl."""
-    from dalle2.core.images import captioned_grid, sample_names, save_image_atomic, save_sample, write_sample_records
     records = sample_records(model, args, captions)
     names = sample_names(len(captions), n)
     per_chunk = max(1, (args.batch_size or model.sampling.batch_size) // n)
@@ -147,12 +157,8 @@ def main(argv=None):
     check_args(args, len(captions) * args.n)
     out = Path(args.out)
     check_writable(out)
-    from dalle2.core.files import clean_orphans
     clean_orphans(out)  # temporary files of an earlier run that was killed mid-write
 
-    from dalle2 import DALLE2
-    from dalle2.core.images import write_samples
-    from dalle2.pretrained import shipped_or
     model = DALLE2.from_pretrained(args.checkpoints or shipped_or("runs"), device=pick_device(args.device))
     if args.compile:
         model.compile()

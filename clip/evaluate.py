@@ -20,11 +20,16 @@ from pathlib import Path
 
 import torch
 
+from clip.model import CLIP
 from dalle2.core.cli import main_wrapper
 from dalle2.core.config import add_config_args, data_config_for_checkpoint
-from dalle2.evaluation.report import format_table
+from dalle2.core.report import format_table
 from dalle2.core.runtime import pick_device
-from data.datasets import CaptionedImages, load_dataset, to_float
+from dalle2.evaluation.faithfulness import score
+from data.captioned import CaptionedImages, to_float
+from data.captions import is_heldout, parse_caption
+from data.cifar import CIFAR_TEMPLATES, class_captions
+from data.datasets import load_dataset
 
 
 @torch.no_grad()
@@ -52,7 +57,6 @@ def heldout_mask(ds: CaptionedImages) -> torch.Tensor | None:
     """(N,) bool: images holding a zero-shot held-out colour-shape pair (shapes data only)."""
     if ds.metadata is None:
         return None
-    from dalle2.evaluation.faithfulness import is_heldout
     return torch.tensor([is_heldout(r["objects"]) for r in ds.metadata])
 
 
@@ -80,7 +84,6 @@ def true_caption_hits(best: torch.Tensor, texts: list[str], metadata: list[dict]
     judged from its metadata: the same number of objects, with every stated colour, shape, size and
     position right on distinct objects. Exact-string top-1 cannot reach 100% on shapes: "a red circle",
     "the red circle" and "a large red circle" can all describe one image."""
-    from dalle2.evaluation.faithfulness import parse_caption, score
     parsed = {}
     hits = []
     for i, j in enumerate(best.tolist()):
@@ -125,7 +128,6 @@ def evaluate_clip(model, ds: CaptionedImages, batch_size: int = 512, seed: int =
         out.update({f"heldout_{k}": v for k, v in retrieval(sims, cap, held, held_caps).items()})
         out.update({f"seen_{k}": v for k, v in retrieval(sims, cap, ~held, ~held_caps).items()})
     if ds.class_names is not None and ds.labels is not None:
-        from data.cifar import CIFAR_TEMPLATES, class_captions
         per_class = embed_texts(model, class_captions(ds.class_names)).view(len(ds.class_names), len(CIFAR_TEMPLATES), -1)
         # template ensemble, as in CLIP's zero-shot recipe: mean of the normalised template embeddings
         cls = torch.nn.functional.normalize(per_class.mean(1), dim=-1).cpu()  # (classes, E)
@@ -141,7 +143,6 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=512)
     add_config_args(p)  # where the data is: the user's config, never the checkpoint's (see data_config_for_checkpoint)
     args = p.parse_args(argv)
-    from clip.model import CLIP
     model = CLIP.from_checkpoint(args.checkpoint, map_location="cpu").to(pick_device(args.device))
     data_cfg = data_config_for_checkpoint(model.config, args)
     ds = load_dataset(data_cfg, args.split, generate_missing=False)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dalle2.core.checkpoint import model_from_checkpoint
 from dalle2.core.layers import Transformer
 
 # exp(logit_scale) is clamped to at most 100 "to prevent scaling the logits by more than 100, which we
@@ -177,7 +178,6 @@ class CLIP(nn.Module):
     def from_checkpoint(cls, path, map_location="cpu") -> "CLIP":
         """The CLIP saved at `path` by clip/train.py, with its tokenizer attached and .config, .step,
         .checkpoint_hash set. Loaded with weights_only=True."""
-        from dalle2.core.checkpoint import model_from_checkpoint
 
         def build(cfg, tokenizer):
             model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)

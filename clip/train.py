@@ -16,12 +16,14 @@ import torch
 
 from clip.evaluate import evaluate_clip
 from clip.model import build_clip
-from dalle2.pretrained import init_from, load_stage_weights
 from dalle2.core.cli import load_and_print_config, main_wrapper, training_parser
+from dalle2.core.runtime import cleanup_distributed, setup_distributed
 from dalle2.core.tokenizer import Tokenizer
-from dalle2.core.runtime import cleanup_distributed, load_data, setup_distributed
 from dalle2.core.training import Trainer, init_seed
-from data.datasets import StepBatches, to_float
+from dalle2.pretrained import init_from, load_stage_weights
+from data.captioned import StepBatches, to_float
+from data.captions import PROMPT_VOCABULARY
+from data.datasets import load_data
 
 
 def vocabulary_texts(data_cfg, captions) -> list:
@@ -29,7 +31,6 @@ def vocabulary_texts(data_cfg, captions) -> list:
     evaluation's prompts (dalle2.evaluation.faithfulness), so that none of them is spelled byte by byte."""
     texts = list(captions)
     if data_cfg.dataset == "shapes":
-        from dalle2.evaluation.faithfulness import PROMPT_VOCABULARY
         texts += PROMPT_VOCABULARY
     return texts
 

@@ -16,9 +16,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.datasets import CaptionedImages, to_float
-
+from clip.model import CLIP
 from dalle2.core.checkpoint import CheckpointError, atomic_torch_save
+from dalle2.core.cli import load_and_print_config
+from dalle2.core.runtime import rank0_first, setup_distributed
+from dalle2.core.training import TrainingError
+from data.captioned import CaptionedImages, to_float
+from data.datasets import load_data
 
 
 def data_key(ds: CaptionedImages) -> str:
@@ -104,7 +108,6 @@ def load_or_compute(clip, clip_hash: str, ds: CaptionedImages, cache_dir: str | 
 
 def load_clip_for_stage(clip_path: str | Path, device):
     """The frozen CLIP a later stage is built on, and its hash (the key of caches and checkpoints)."""
-    from clip.model import CLIP
     clip_path = Path(clip_path)
     if not clip_path.exists():
         raise CheckpointError(f"{clip_path}: no CLIP checkpoint here; train one first with "
@@ -129,9 +132,6 @@ def prepare_stage(args):
     Returns (dist, cfg, clip, clip_hash, train, test, emb_train, emb_test)."""
     from dataclasses import replace
 
-    from dalle2.core.cli import load_and_print_config
-    from dalle2.core.runtime import load_data, rank0_first, setup_distributed
-    from dalle2.core.training import TrainingError
 
     dist = setup_distributed(args.device)
     cfg = load_and_print_config(args, dist.is_main)

@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from dalle2.core.cli import main_wrapper
+from dalle2.unclip import DALLE2
 
 
 def main(argv=None) -> Path:
@@ -36,7 +37,6 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
     import torch
 
-    from dalle2.unclip import DALLE2
     run, out = Path(args.run_dir), Path(args.out_dir)
     if out.resolve() == run.resolve():
         raise SystemExit(f"error: {out}: the export must go to another folder than the run it comes from")

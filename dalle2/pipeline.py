@@ -21,8 +21,17 @@ import sys
 import time
 from pathlib import Path
 
+from clip.train import main as train_clip
 from dalle2.core.cli import main_wrapper
 from dalle2.core.config import add_config_args, config_from_args
+from dalle2.core.images import write_samples
+from dalle2.core.runtime import pick_device
+from dalle2.evaluation import evaluate
+from dalle2.pretrained import hardware
+from dalle2.train_decoder import main as train_decoder
+from dalle2.train_prior import main as train_prior
+from dalle2.unclip import DALLE2
+from data.datasets import load_dataset
 
 STAGES = ("clip", "prior", "decoder")
 
@@ -46,9 +55,6 @@ def main(argv=None):
     t_all = time.perf_counter()
     timings = {}
 
-    from clip.train import main as train_clip
-    from dalle2.train_decoder import main as train_decoder
-    from dalle2.train_prior import main as train_prior
     steps = {"clip": train_clip, "prior": train_prior, "decoder": train_decoder}
     for i, stage in enumerate(STAGES, 1):
         t0 = time.perf_counter()
@@ -58,10 +64,6 @@ def main(argv=None):
         print(f"[{i}/5] {stage}: done in {timings[stage]:.0f} s -> {out / f'{stage}.pt'}")
 
     t0 = time.perf_counter()
-    from dalle2.core.images import write_samples
-    from dalle2.core.runtime import pick_device
-    from dalle2.unclip import DALLE2
-    from data.datasets import load_dataset
     test = load_dataset(cfg.data, "test", generate_missing=False)
     captions = list(dict.fromkeys(test.caption_of(i) for i in range(len(test))))[:8]
     model = DALLE2.from_run(out).to(pick_device(args.device))
@@ -73,7 +75,6 @@ def main(argv=None):
     report = None
     if not args.skip_eval:
         t0 = time.perf_counter()
-        from dalle2.evaluation import evaluate
         eval_args = ["--checkpoints", str(out), "--out", str(out / "report"), "--device", args.device]
         if args.eval_n:
             eval_args += ["--limit", str(args.eval_n)]
@@ -81,7 +82,6 @@ def main(argv=None):
         report = evaluate.main(eval_args)
         print(f"[5/5] evaluation: {out / 'report' / 'report.md'} ({time.perf_counter() - t0:.0f} s)")
 
-    from dalle2.pretrained import hardware  # the finished run exports itself (safetensors + model card)
     command = "python -m dalle2.pipeline " + shlex.join(argv if argv is not None else sys.argv[1:])
     DALLE2.from_run(out).save_pretrained(out / "pretrained", card={"command": command,
                                                                    "hardware": hardware(pick_device(args.device))})

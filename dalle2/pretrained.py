@@ -31,8 +31,14 @@ from typing import Optional
 
 import torch
 
+from clip.model import build_clip
 from dalle2.core.checkpoint import CheckpointError, load_checkpoint, state_hash
+from dalle2.core.config import ConfigError, config_from_dict
 from dalle2.core.files import atomic_write, atomic_write_text
+from dalle2.core.report import markdown
+from dalle2.core.tokenizer import Tokenizer
+from dalle2.decoder.model import build_decoder
+from dalle2.prior.model import build_prior
 
 FORMAT_NAME = "open-dalle2"
 FORMAT_VERSION = 1
@@ -190,12 +196,10 @@ def _source_run_dir(decoder) -> Optional[Path]:
 
 # --- loading ----------------------------------------------------------------------------------
 
-def load_pretrained(folder: str | os.PathLike | None = None, device="cpu"):
-    """The DALLE2 exported to `folder` (default: the shipped weights, SHIPPED), moved to `device`.
-    Nothing is unpickled: JSON and safetensors only. Any missing, unreadable or inconsistent file is
+def load_pretrained(folder: str | os.PathLike | None = None) -> dict:
+    """The stages exported to `folder` (default: the shipped weights, SHIPPED), as {"clip", "prior",
+    "decoder"}; `DALLE2.from_pretrained` assembles them. Nothing is unpickled: JSON and safetensors only. Any missing, unreadable or inconsistent file is
     one CheckpointError naming it."""
-    from dalle2.core.tokenizer import Tokenizer
-    from dalle2.unclip import DALLE2
 
     if folder is None:
         if not SHIPPED.is_dir():
@@ -211,8 +215,7 @@ def load_pretrained(folder: str | os.PathLike | None = None, device="cpu"):
         tokenizer = Tokenizer.from_state_dict(_read_json(folder / TOKENIZER))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / TOKENIZER}: not a tokenizer ({e})") from None
-    models = {s: _load_stage(folder, s, index["stages"][s], tokenizer) for s in STAGES}
-    return DALLE2(models["clip"], models["prior"], models["decoder"]).to(device)
+    return {s: _load_stage(folder, s, index["stages"][s], tokenizer) for s in STAGES}
 
 
 def read_index(folder: Path) -> dict:
@@ -270,7 +273,6 @@ def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
     """One stage: config.json -> model, model.safetensors (its sha256 checked against the index) ->
     weights, with the attributes model_from_checkpoint sets (.config, .tokenizer, .step, .extra,
     .checkpoint_hash, .checkpoint_path)."""
-    from dalle2.core.config import ConfigError, config_from_dict
 
     config_path, weights_path = folder / stage / CONFIG, folder / stage / WEIGHTS
     state, config = read_stage(folder, stage, entry)
@@ -307,14 +309,11 @@ def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
 def _build(stage: str, cfg, tokenizer):
     """The stage's model from its config, as each from_checkpoint builds it."""
     if stage == "clip":
-        from clip.model import build_clip
         model = build_clip(cfg.clip.model, tokenizer.vocab_size, cfg.data.image_size)
         model.tokenizer = tokenizer
         return model
     if stage == "prior":
-        from dalle2.prior.model import build_prior
         return build_prior(cfg)
-    from dalle2.decoder.model import build_decoder
     return build_decoder(cfg, tokenizer.vocab_size)
 
 
@@ -443,7 +442,6 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
         out += ["No evaluation report was found in the run folder: these weights have not been measured. "
                 f"Measure them with `python -m dalle2.evaluation.evaluate --checkpoints {name}`."]
     else:
-        from dalle2.evaluation.report import markdown
         try:
             body = markdown(report).splitlines()[1:]  # its title names the run folder
         except (KeyError, TypeError, AttributeError) as e:

@@ -10,19 +10,18 @@ test images (top row) and the EMA decoder's samples from their CLIP embeddings a
 from __future__ import annotations
 
 from dataclasses import asdict
-
 from pathlib import Path
 
 import torch
 
-from dalle2.pretrained import init_from
 from dalle2.core.cli import main_wrapper, training_parser
-from dalle2.decoder import build_decoder
-from dalle2.embeddings import prepare_stage
 from dalle2.core.images import captioned_grid, save_image_atomic, to_pil
 from dalle2.core.runtime import cleanup_distributed
 from dalle2.core.training import Trainer, init_seed
-from data.datasets import StepBatches, to_float
+from dalle2.decoder import build_decoder
+from dalle2.embeddings import prepare_stage
+from dalle2.pretrained import init_from
+from data.captioned import StepBatches, to_float
 
 GRID_IMAGES = 8
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from dalle2.pretrained import init_from
 from dalle2.core.cli import main_wrapper, training_parser
-from dalle2.embeddings import prepare_stage
-from dalle2.prior.evaluate import evaluate_prior
-from dalle2.prior import build_prior
 from dalle2.core.runtime import cleanup_distributed
 from dalle2.core.training import Trainer, init_seed
-from data.datasets import StepBatches
+from dalle2.embeddings import prepare_stage
+from dalle2.pretrained import init_from
+from dalle2.prior import build_prior
+from dalle2.prior.evaluate import evaluate_prior
+from data.captioned import StepBatches
 
 
 def main(argv=None):

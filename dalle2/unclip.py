@@ -19,12 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.datasets import to_float
-
+from clip.model import CLIP
+from dalle2 import pretrained
 from dalle2.core.checkpoint import CheckpointError
 from dalle2.core.config import SamplingConfig
-from dalle2.embeddings import check_same_clip
+from dalle2.core.images import to_pil
 from dalle2.core.runtime import autocast, resolve_precision
+from dalle2.decoder import Decoder
+from dalle2.embeddings import check_same_clip
+from dalle2.pretrained import save_pretrained
+from dalle2.prior import DiffusionPrior
+from data.captioned import to_float
+from data.decode import square_resize
 
 STAGES = ("clip", "prior", "decoder")
 
@@ -91,10 +97,7 @@ class DALLE2(nn.Module):
     @classmethod
     def from_checkpoints(cls, clip: str | Path, prior: str | Path, decoder: str | Path,
                          map_location="cpu") -> "DALLE2":
-        from clip.model import CLIP
 
-        from dalle2.decoder import Decoder
-        from dalle2.prior import DiffusionPrior
         return cls(CLIP.from_checkpoint(clip, map_location=map_location),
                    DiffusionPrior.from_checkpoint(prior, map_location=map_location),
                    Decoder.from_checkpoint(decoder, map_location=map_location))
@@ -117,16 +120,15 @@ class DALLE2(nn.Module):
         """An exported folder (model_index.json, safetensors: nothing is unpickled) or a training run
         folder (clip.pt, prior.pt, decoder.pt: as from_run), on `device`. No folder: the weights
         shipped in the repo's checkpoints/shapes32/ (see dalle2/pretrained.py)."""
-        from dalle2 import pretrained
         if folder is None or pretrained.is_pretrained_folder(folder):
-            return pretrained.load_pretrained(folder, device=device)
+            stages = pretrained.load_pretrained(folder)
+            return cls(stages["clip"], stages["prior"], stages["decoder"]).to(device)
         return cls.from_run(folder).to(device)
 
     def save_pretrained(self, folder: str | Path, *, dtype: Optional[torch.dtype] = None,
                         card: Optional[dict] = None) -> Path:
         """Export to `folder` for from_pretrained: safetensors + JSON + a model card (README.md).
         dtype=torch.float16 halves the files. See dalle2.pretrained.save_pretrained for `card`."""
-        from dalle2.pretrained import save_pretrained
         return save_pretrained(self, folder, dtype=dtype, card=card)
 
     @property
@@ -259,7 +261,6 @@ class DALLE2(nn.Module):
     @staticmethod
     def to_pil(images: torch.Tensor) -> list:
         """(N, 3, H, W) in [0, 1] -> list of PIL images."""
-        from dalle2.core.images import to_pil
         return [to_pil(x) for x in images]
 
     # --- image manipulations (paper section 3) ----------------------------------------------
@@ -267,7 +268,6 @@ class DALLE2(nn.Module):
     def _image_input(self, image) -> torch.Tensor:
         """A PIL image, a uint8 (3,H,W)/(N,3,H,W) tensor or a float one in [0, 1] -> float [-1, 1] on device."""
         if not isinstance(image, torch.Tensor):
-            from data.datasets import square_resize
             image = torch.from_numpy(square_resize(image.convert("RGB"), self.image_size)).permute(2, 0, 1)
         if image.dim() == 3:
             image = image[None]

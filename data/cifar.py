@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.datasets import CaptionedImages, DatasetError, file_stamp, cached_images, resize_images
+from data.captioned import CaptionedImages, DatasetError
+from data.decode import cached_images, file_stamp, resize_images
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from data.datasets import (SPLITS, CaptionedImages, DatasetError, build_caption_table, cached_images, decode_images,
-                       inside_folder, jsonl_objects)
+from data.captioned import SPLITS, CaptionedImages, DatasetError, build_caption_table
+from data.decode import cached_images, decode_images, inside_folder, jsonl_objects
 
 
 def read_captions_file(path: Path) -> list:

@@ -22,8 +22,15 @@ import random
 import shutil
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from dalle2.core.files import FolderLock, LockError, pid_alive
+from dalle2.core.images import captioned_grid, save_image_atomic
+from data.captioned import CaptionedImages, DatasetError, build_caption_table, flip_caption
+from data.captions import COLOURS, HOLDOUT_ORDER, HOLDOUT_PAIRS, SHAPES, make_caption
+from data.decode import cached_images, decode_images, file_stamp, files_digest, inside_folder, read_metadata
 
 # ---------------------------------------------------------------------------------------------
 # The vocabulary of the dataset (spec: Canvas, Colours, Shapes, Zero-shot hold-out).
@@ -32,46 +39,11 @@ CANVAS = 128
 BACKGROUND = (128, 128, 128)  # gray is never a shape colour
 MIN_LEN = 20
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "black": (0, 0, 0),
-    "white": (255, 255, 255),
-    "red": (255, 0, 0),
-    "green": (0, 128, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "cyan": (0, 255, 255),
-    "magenta": (255, 0, 255),
-    "silver": (192, 192, 192),
-    "maroon": (128, 0, 0),
-    "olive": (128, 128, 0),
-    "purple": (128, 0, 128),
-    "teal": (0, 128, 128),
-    "navy": (0, 0, 128),
-    "orange": (255, 165, 0),
-    "gold": (255, 215, 0),
-    "pink": (255, 192, 203),
-}
-SHAPES: tuple[str, ...] = ("rectangle", "square", "ellipse", "circle", "triangle", "pentagon")
 _COLOUR_NAMES = tuple(COLOURS)
 POLYGON_SIDES = {"triangle": 3, "pentagon": 5}
 SCENE_VARIANTS = ("objects", "positions")  # what one scene can be
 VARIANTS = SCENE_VARIANTS + ("both",)  # "both": one dataset with both kinds of scene, alternating
 
-# A tuple in spec order, because iterating a frozenset of strings depends on PYTHONHASHSEED and
-# would make the forced test scenes (and so the files) differ between runs.
-_HOLDOUT_ORDER = (
-    ("white", "rectangle"),
-    ("gold", "triangle"),
-    ("blue", "circle"),
-    ("red", "pentagon"),
-    ("green", "square"),
-    ("yellow", "ellipse"),
-)
-HOLDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(_HOLDOUT_ORDER)
-
-# Caption probabilities (spec: Caption grammar).
-P_THE = 0.2
-P_DROP_SIZE = 0.3
 PLACEMENT_RETRIES = 100  # tries for the second object's box before the whole scene is resampled
 
 SPLITS = ("train", "test")
@@ -199,24 +171,6 @@ def _sample_object(rng: random.Random, colour: str, shape: str) -> dict:
     return obj
 
 
-def make_caption(objects: list[dict], rng: random.Random, with_position: bool) -> str:
-    """object := [determiner] [size] colour shape [" at the " position]; objects joined by " and ".
-
-    Two draws per object in a fixed order (determiner, then size drop) so captions are reproducible.
-    """
-    parts = []
-    for obj in objects:
-        use_the = rng.random() < P_THE
-        drop_size = rng.random() < P_DROP_SIZE
-        words = ([] if drop_size else [obj["size"]]) + [obj["colour"], obj["shape"]]
-        det = "the" if use_the else "an" if words[0][0] in "aeiou" else "a"
-        phrase = " ".join([det] + words)
-        if with_position:
-            phrase += f" at the {obj['position']}"
-        parts.append(phrase)
-    return " and ".join(parts)
-
-
 def sample_scene(rng: random.Random, variant: str, allow_holdout: bool, first=None) -> dict:
     """A metadata record without "file": {"caption": str, "objects": [obj, ...]}.
 
@@ -264,7 +218,7 @@ def scene_variant(variant: str, i: int) -> str:
 def forced_holdout(variant: str) -> tuple:
     """The forced first objects of the test split: every hold-out pair once, for "both" once per kind
     (scene 2k is objects, 2k + 1 positions, both with pair k)."""
-    return _HOLDOUT_ORDER if variant != "both" else tuple(p for p in _HOLDOUT_ORDER for _ in SCENE_VARIANTS)
+    return HOLDOUT_ORDER if variant != "both" else tuple(p for p in HOLDOUT_ORDER for _ in SCENE_VARIANTS)
 
 
 def _write_split(folder: Path, n: int, rng: random.Random, variant: str, allow_holdout: bool,
@@ -327,7 +281,6 @@ def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 
     check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by data/shapes.py: generate() may replace train/ and test/ here\n")
-    from dalle2.core.files import FolderLock  # lazy, like preview(): generating pulls in nothing else
     with FolderLock(out, "shapes generation"):
         _clean_split_orphans(out)
         return _generate_locked(out, variant, n_train, n_test, seed, progress)
@@ -335,7 +288,6 @@ def generate(out, variant: str = "objects", n_train: int = 20000, n_test: int = 
 
 def _clean_split_orphans(out: Path) -> None:
     """Remove temporary split folders left by a killed generation (their pid is dead)."""
-    from dalle2.core.files import pid_alive
     for path in out.glob(".*.*-*"):
         tail = path.name.rsplit("-", 1)[-1]
         if path.is_dir() and tail.isdigit() and not pid_alive(int(tail)):
@@ -369,7 +321,6 @@ def preview(dataset_dir, out_png, n: int = 16, image_size=None) -> Path:
     """Write a captioned grid of the first n test images (resized to image_size if given, as the
     models see them: Pillow antialiased resize)."""
     # Imported here so that generating data never pulls in whatever the dalle2 package imports.
-    from dalle2.core.images import captioned_grid, save_image_atomic
 
     split = Path(dataset_dir) / "test"
     with open(split / "metadata.jsonl") as f:
@@ -391,6 +342,73 @@ def preview(dataset_dir, out_png, n: int = 16, image_size=None) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
+
+# ---------------------------------------------------------------------------------------------
+# Loading a split (through data/datasets.py `load_dataset`).
+
+def load_shapes(root, split: str, image_size: int = 32, variant: str = "objects", n_train: int = 20000,
+                n_test: int = 2000, seed: int = 0, generate_missing: bool = True,
+                progress: bool = True) -> CaptionedImages:
+    """Load root/<split> of the shapes dataset, generating the dataset first if it is missing.
+
+    Files already on disk are used as they are (the generation arguments only matter when the
+    dataset is generated); delete the folder to regenerate with other arguments.
+    """
+    root = Path(root)
+    split_dir = root / split
+    meta = split_dir / "metadata.jsonl"
+    if not meta.exists():
+        if not generate_missing:
+            raise DatasetError(f"shapes dataset not found: {meta} does not exist (generate it with "
+                               f"`python data/shapes.py --out {root}`)")
+        try:
+            check_output_folder(root)
+        except NotOurFolder as e:
+            raise DatasetError(f"shapes dataset not found: {meta} does not exist, and {e}") from None
+        print(f"shapes dataset not found at {root}: generating it ({n_train} train / {n_test} test, "
+              f"variant {variant}, seed {seed})")
+        try:
+            generate(root, variant=variant, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
+        except (NotOurFolder, LockError) as e:
+            raise DatasetError(str(e)) from None
+        if not meta.exists():
+            raise DatasetError(f"generating the shapes dataset did not create {meta}")
+
+    records = read_metadata(meta)
+    if not records:
+        raise DatasetError(f"{meta} has no records: the {split} split is empty")
+    # One directory listing instead of 20k stat calls: it checks every listed PNG exists (naming a
+    # missing one before any decoding starts) and counts the files for the cache key.
+    present = {e.name: e for e in os.scandir(split_dir) if e.is_file(follow_symlinks=False)}
+    for r in records:
+        if r["file"] not in present:  # not a plain file in the folder: a path, a symlink, a FIFO, missing
+            inside_folder(split_dir, r["file"], meta)
+    n_png = sum(1 for name in present if name.endswith(".png"))
+    paths = [split_dir / r["file"] for r in records]
+    expected = n_train if split == "train" else n_test
+    if progress and len(records) != expected:
+        print(f"note: {split_dir} has {len(records)} images (config asks for {expected}); "
+              f"using the files on disk")
+
+    key = {"n_files": n_png, "n_records": len(records), "metadata": file_stamp(meta), "image_size": image_size,
+           "files": files_digest(paths, present)}  # a PNG replaced in place changes its size or mtime
+    images = cached_images(split_dir / ".cache" / f"images_{image_size}.npy", key,
+                           (len(records), 3, image_size, image_size),
+                           lambda: decode_images(paths, image_size, f"decoding {split_dir}", progress))
+    captions, caption_ids, num_captions, flip_ids = build_caption_table([[r["caption"]] for r in records],
+                                                                        shapes_flipped_captions(records))
+    return CaptionedImages(torch.from_numpy(images), captions, caption_ids, num_captions, flip_ids,
+                           metadata=records, name=f"shapes/{variant}/{split}")
+
+
+def shapes_flipped_captions(records: list) -> list:
+    """For each shapes record, [the caption true of its mirror image]: position words recomputed from
+    the mirrored boxes (data/shapes.py `mirrored_caption`), flip_caption where a record lacks boxes."""
+    return [[mirrored_caption(r["caption"], r.get("objects")) or flip_caption(r["caption"])] for r in records]
+
+
+# ---------------------------------------------------------------------------------------------
+
 
 def _count(text: str) -> int:
     try:
@@ -418,7 +436,6 @@ def main(argv=None) -> None:
     if args.preview is not None and args.n_test == 0:
         parser.error("--preview needs --n-test > 0")
 
-    from dalle2.core.files import LockError
     try:
         out = generate(args.out, args.variant, args.n_train, args.n_test, args.seed,
                        progress=not args.no_progress)

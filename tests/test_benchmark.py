@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from dalle2.evaluation.benchmark import main, parse_settings
 from dalle2.core.config import SamplingConfig
+from dalle2.evaluation.benchmark import main, parse_settings
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--set", "decoder.model.channels=16", "--set",
         "decoder.model.head_channels=16", "--set", "prior.model.width=32"]

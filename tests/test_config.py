@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from dalle2.core.config import _resolve_key, Config, ConfigError, config_from_dict, describe_options, load_config, save_config
+from dalle2.core.config import (
+    Config,
+    ConfigError,
+    _resolve_key,
+    config_from_dict,
+    describe_options,
+    load_config,
+    save_config,
+)
 
 
 def test_default_preset_is_shapes32_and_floats_are_floats():

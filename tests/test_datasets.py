@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data.datasets as ds
+import data.decode as decode
+import data.shapes as shapes
+from data.captioned import CaptionedImages, DatasetError, StepBatches, build_caption_table, flip_caption
 from data.cifar import CIFAR_TEMPLATES, class_captions, with_articles
-from data.datasets import (CaptionedImages, DatasetError, StepBatches, build_caption_table, flip_caption,
-                           load_dataset)
+from data.datasets import load_dataset
 
 
 def cfg(**kw):
@@ -146,8 +147,8 @@ def test_shapes_cache_created_reused_and_rebuilt(tmp_path, monkeypatch):
     write_shapes_split(root / "train", ["a", "b"])
     c = cfg(root=str(root), n_train=2)
     calls = []
-    real_decode = ds.decode_images
-    monkeypatch.setattr(ds, "decode_images", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    real_decode = shapes.decode_images
+    monkeypatch.setattr(shapes, "decode_images", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
 
     first = load_dataset(c, "train", progress=False)
     cache = root / "train" / ".cache" / "images_32.npy"
@@ -183,12 +184,12 @@ def test_parallel_decode_matches_serial(tmp_path, monkeypatch):
     split = tmp_path / "s" / "train"
     write_shapes_split(split, [f"caption {i}" for i in range(7)])
     paths = [split / f"{i:06d}.png" for i in range(7)]
-    serial = ds.decode_images(paths, 32, "serial", progress=False)
-    monkeypatch.setattr(ds, "PARALLEL_MIN", 2)  # force the worker processes on 7 files
-    assert np.array_equal(ds.decode_images(paths, 32, "parallel", progress=False), serial)
+    serial = decode.decode_images(paths, 32, "serial", progress=False)
+    monkeypatch.setattr(decode, "PARALLEL_MIN", 2)  # force the worker processes on 7 files
+    assert np.array_equal(decode.decode_images(paths, 32, "parallel", progress=False), serial)
     (split / "000005.png").write_bytes(b"truncated")
     with pytest.raises(DatasetError, match="000005.png"):  # a worker's error reaches the caller
-        ds.decode_images(paths, 32, "parallel", progress=False)
+        decode.decode_images(paths, 32, "parallel", progress=False)
 
 
 def test_shapes_bad_metadata_and_missing_png(tmp_path):

@@ -4,8 +4,14 @@ import math
 import pytest
 import torch
 
-from dalle2.diffusion import (GaussianDiffusion, _extract, classifier_free_guidance, dynamic_threshold,
-                              make_beta_schedule, respaced_timesteps)
+from dalle2.diffusion import (
+    GaussianDiffusion,
+    _extract,
+    classifier_free_guidance,
+    dynamic_threshold,
+    make_beta_schedule,
+    respaced_timesteps,
+)
 
 SHAPES = [(6, 8), (3, 2, 4, 4)]  # the prior's (N, D) and the decoder's (N, C, H, W)
 OBJECTIVES = ["eps", "x0", "v"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clip.evaluate import evaluate_clip
-from data.datasets import CaptionedImages, build_caption_table
+from data.captioned import CaptionedImages, build_caption_table
 
 
 def obj(colour, shape, size, position="center"):

@@ -6,8 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dalle2.evaluation.faithfulness import parse_caption, score
-from data.datasets import build_caption_table, flip_caption, load_dataset
+from dalle2.evaluation.faithfulness import score
+from data.captioned import build_caption_table, flip_caption
+from data.captions import parse_caption
+from data.datasets import load_dataset
 from data.shapes import mirror_bbox, mirrored_caption
 
 

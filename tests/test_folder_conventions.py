@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.datasets import DatasetError, load_dataset
+from data.captioned import DatasetError
+from data.datasets import load_dataset
 
 
 def cfg(root, **kw):

@@ -3,8 +3,16 @@ import math
 import pytest
 import torch
 
-from dalle2.evaluation.metrics import (fid_kid, fid_kid_from_features, frechet_distance, inception_features, kernel_distance,
-                            mean_pairwise_distance, memorisation, spread)
+from dalle2.evaluation.metrics import (
+    fid_kid,
+    fid_kid_from_features,
+    frechet_distance,
+    inception_features,
+    kernel_distance,
+    mean_pairwise_distance,
+    memorisation,
+    spread,
+)
 
 
 def _exact_gaussian_sample(n, mu, std, seed):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data.datasets import CaptionedImages, StepBatches, build_caption_table
+from data.captioned import CaptionedImages, StepBatches, build_caption_table
 
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
            "unique_consecutive", "nonzero_static", "masked_scatter", "repeat_interleave"}

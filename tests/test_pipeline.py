@@ -3,12 +3,12 @@ import json
 import shlex
 
 import torch
-
 from conftest import tiny_overrides
+
 from dalle2 import DALLE2
 from dalle2.core.config import load_config
-from dalle2.pipeline import main as pipeline
 from dalle2.evaluation.sweep import main as sweep
+from dalle2.pipeline import main as pipeline
 from data.datasets import load_dataset
 
 

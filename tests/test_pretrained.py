@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle2 import DALLE2
-from dalle2 import pretrained
+from dalle2 import DALLE2, pretrained
 from dalle2.core.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -288,8 +287,8 @@ def test_a_planted_malicious_pt_is_refused_wherever_a_pt_is_read(tiny_run, tmp_p
     from dalle2.decoder import Decoder
     from dalle2.embeddings import load_or_compute
     from dalle2.evaluation.metrics import load_inception
-    from dalle2.prior import DiffusionPrior
     from dalle2.evaluation.reader import AttributeReader
+    from dalle2.prior import DiffusionPrior
     from data.datasets import load_dataset
 
     marker = tmp_path / "marker"
@@ -338,6 +337,7 @@ def test_a_planted_malicious_pt_is_refused_wherever_a_pt_is_read(tiny_run, tmp_p
 
 def test_a_model_cast_for_sampling_is_not_saved(tiny_run, tmp_path):
     import torch
+
     from dalle2 import DALLE2
     from dalle2.core.checkpoint import CheckpointError
     model = DALLE2.from_run(tiny_run[0]).lean(torch.bfloat16)  # what generate does on a GPU

@@ -5,11 +5,19 @@ import random
 import pytest
 import torch
 
-from data.datasets import square_resize, to_float
-from data.shapes import HOLDOUT_PAIRS, make_caption, position_word, render, size_word
-from dalle2.evaluation.faithfulness import aggregate, evaluate, is_heldout, parse_caption, prompt_sets, score
-from dalle2.evaluation.reader import (VERSION, AttributeReader, label_components, match_boxes, reader_accuracy,
-                           render_scenes)
+from dalle2.evaluation.faithfulness import aggregate, evaluate, prompt_sets, score
+from dalle2.evaluation.reader import (
+    VERSION,
+    AttributeReader,
+    label_components,
+    match_boxes,
+    reader_accuracy,
+    render_scenes,
+)
+from data.captioned import to_float
+from data.captions import HOLDOUT_PAIRS, is_heldout, make_caption, parse_caption
+from data.decode import square_resize
+from data.shapes import position_word, render, size_word
 
 
 @pytest.fixture(scope="module")

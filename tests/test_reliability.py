@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import faults
 import numpy as np
 import pytest
 import torch
-
-import faults
 from conftest import tiny_overrides
-from data.datasets import DatasetError, load_dataset
+
+from data.captioned import DatasetError
+from data.datasets import load_dataset
 
 
 def data_cfg(root, **kw):
@@ -65,8 +66,9 @@ def test_shapes_cli_refuses_a_nonempty_foreign_out(tmp_path):
 # --- 2. re-running a stage never destroys the finished model ----------------------------------
 
 def test_rerun_without_resume_is_refused_and_overwrite_starts_a_fresh_log(tmp_path):
+    from test_training import get_batch, make_trainer
+
     from dalle2.core.training import TrainingError
-    from test_training import get_batch, losses, make_trainer
     make_trainer(tmp_path, steps=4).fit(get_batch)
     before = (tmp_path / "clip.pt").read_bytes(), (tmp_path / "clip" / "checkpoint.pt").read_bytes()
     with pytest.raises(TrainingError, match=r"already holds a clip run.*--resume.*--overwrite"):
@@ -92,8 +94,9 @@ HOLD_LOCK = "import sys, time; from dalle2.core.files import FolderLock; FolderL
 
 
 def test_second_training_into_one_folder_is_refused_and_stale_locks_are_taken_over(tmp_path):
-    from dalle2.core.files import LockError
     from test_training import get_batch, make_trainer
+
+    from dalle2.core.files import LockError
     holder = faults.start_py(["-c", HOLD_LOCK, tmp_path / "clip"])
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -200,8 +203,9 @@ def test_cifar_reader_refuses_a_planted_pickle(tmp_path, victim, monkeypatch):
 
 
 def test_cifar_reader_still_reads_numpy_pickled_with_any_protocol(tmp_path):
-    from data.cifar import read_cifar10
     from test_datasets import write_fake_cifar
+
+    from data.cifar import read_cifar10
     written = write_fake_cifar(tmp_path / "cifar", per_batch=2, n_test=3)
     data, labels = written["test_batch"]
     with open(tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch", "wb") as f:
@@ -211,9 +215,10 @@ def test_cifar_reader_still_reads_numpy_pickled_with_any_protocol(tmp_path):
 
 
 def test_evaluation_takes_the_data_location_from_the_user_never_the_checkpoint(tiny_run, tmp_path, monkeypatch):
+    from test_datasets import write_fake_cifar
+
     from clip.evaluate import main as eval_clip
     from dalle2.core.checkpoint import atomic_torch_save, load_checkpoint
-    from test_datasets import write_fake_cifar
     run, argv = tiny_run
     root = argv[argv.index("--set") + 1].split("=", 1)[1]
     # a checkpoint whose saved config points at a planted "CIFAR" folder
@@ -457,9 +462,11 @@ def test_training_cli_config_errors_are_one_line(tmp_path, capsys):
 
 def test_a_read_only_run_folder_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     import errno
+
+    from test_training import get_batch, make_trainer
+
     import dalle2.core.files as files
     from dalle2.core.cli import main_wrapper
-    from test_training import get_batch, make_trainer
 
     def read_only(path, mode="r", *a, **k):
         if any(c in mode for c in "wxa+"):
@@ -475,10 +482,12 @@ def test_a_read_only_run_folder_is_one_line_naming_the_file(tmp_path, monkeypatc
 
 def test_a_final_model_as_resume_checkpoint_and_other_vocabulary_are_refused(tmp_path):
     import shutil
+
+    from test_training import Toy, get_batch, make_trainer
+
     from dalle2.core.config import load_config
     from dalle2.core.tokenizer import Tokenizer
     from dalle2.core.training import Trainer, TrainingError
-    from test_training import Toy, get_batch, make_trainer
     make_trainer(tmp_path, steps=2).fit(get_batch)
     shutil.copy(tmp_path / "clip.pt", tmp_path / "clip" / "checkpoint.pt")
     with pytest.raises(TrainingError, match="not a resume checkpoint.*final model"):
@@ -493,9 +502,10 @@ def test_a_final_model_as_resume_checkpoint_and_other_vocabulary_are_refused(tmp
 # --- 10. the last good checkpoint is sane; two fresh runs start from the same weights ------------
 
 def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path):
+    from test_training import get_batch, make_trainer
+
     from dalle2.core.checkpoint import load_checkpoint
     from dalle2.core.training import TrainingError
-    from test_training import get_batch, make_trainer
     trainer = make_trainer(tmp_path, steps=10, ema=0.0)  # saves at steps 2, 4, 6, ...
     real_step, calls = trainer.optimizer.step, []
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from data import shapes
-from data.shapes import (BACKGROUND, CANVAS, COLOURS, HOLDOUT_PAIRS, MIN_LEN, SHAPES, generate,
-                         make_caption, position_word, render, sample_scene, size_word)
 from dalle2.core.images import captioned_grid, save_image_atomic
+from data import shapes
+from data.captions import COLOURS, HOLDOUT_PAIRS, SHAPES, make_caption
+from data.shapes import BACKGROUND, CANVAS, MIN_LEN, generate, position_word, render, sample_scene, size_word
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "shapes.py"
 

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from dalle2.evaluation.faithfulness import parse_caption, score
+from dalle2.evaluation.faithfulness import score
+from data.captions import HOLDOUT_PAIRS, parse_caption
 from data.datasets import load_dataset
-from data.shapes import HOLDOUT_PAIRS, generate, render
+from data.shapes import generate, render
 
 N_TRAIN, N_TEST = 40, 20
 

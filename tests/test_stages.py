@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from clip.model import CLIP
-from conftest import tiny_overrides
 from dalle2.core.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
 from dalle2.decoder import Decoder
 from dalle2.embeddings import load_or_compute
@@ -126,9 +126,10 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
 
 def test_clip_on_a_fake_cifar10_folder_reports_zero_shot_accuracy(tmp_path):
+    from test_datasets import write_fake_cifar
+
     from clip.evaluate import main as eval_clip
     from clip.train import main as train_clip
-    from test_datasets import write_fake_cifar
     write_fake_cifar(tmp_path / "cifar", per_batch=6, n_test=12)
     sets = ["data.dataset=cifar10", f"data.root={tmp_path / 'cifar'}", "clip.train.steps=3",
             "clip.train.batch_size=8", "clip.train.warmup_steps=1", "clip.model.embed_dim=32",

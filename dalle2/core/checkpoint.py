@@ -21,12 +21,15 @@ from typing import Optional
 
 import torch
 
+from dalle2.core.config import ConfigError, config_from_dict
+from dalle2.core.errors import Dalle2Error
 from dalle2.core.files import atomic_write
+from dalle2.core.tokenizer import Tokenizer
 
 FORMAT = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(Dalle2Error):
     """A checkpoint that is missing, unreadable or of the wrong kind; the message names the file."""
 
 
@@ -71,8 +74,6 @@ def model_from_checkpoint(path: str | os.PathLike, stage: str, build, map_locati
     then load the weights. The model gets `.config`, `.tokenizer`, `.step`, `.extra`,
     `.checkpoint_hash` (of its weights: what later stages record to detect a mismatched CLIP) and
     `.checkpoint_path` attributes."""
-    from dalle2.core.config import ConfigError, config_from_dict
-    from dalle2.core.tokenizer import Tokenizer
 
     ckpt = load_checkpoint(path, stage, map_location)
     try:

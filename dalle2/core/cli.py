@@ -8,19 +8,16 @@ import math
 import sys
 from typing import Callable
 
-from dalle2.core.config import ConfigError, add_config_args, config_from_args
+from dalle2.core.config import add_config_args, config_from_args
+from dalle2.core.errors import Dalle2Error
 
 
 def known_errors() -> tuple:
     """Exceptions that mean bad input (a file, a key, a value): shown as one line, no traceback."""
-    from data.datasets import DatasetError
-
-    from dalle2.core.checkpoint import CheckpointError
-    from dalle2.core.files import LockError
-    from dalle2.core.training import TrainingError
+    # Dalle2Error: ConfigError, CheckpointError, DatasetError, TrainingError, LockError, ...
     # OSError: a missing or unreadable file, a full disk, a read-only folder: the message names the file
     # FloatingPointError: sampling produced NaN pixels (DALLE2.generate refuses to return them)
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, LockError, OSError, FloatingPointError)
+    return (Dalle2Error, OSError, FloatingPointError)
 
 
 def main_wrapper(main: Callable[[list[str] | None], object]):

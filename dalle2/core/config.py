@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from dalle2.core.errors import Dalle2Error
 from dalle2.core.files import atomic_write_text
 
 # Shipped inside the package (package data), so an editable and a normal install find it the same
@@ -30,7 +31,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model_config.yml"
 DEFAULT_PRESET = "shapes32"
 
 
-class ConfigError(ValueError):
+class ConfigError(Dalle2Error, ValueError):
     """A problem with the config; the message names the file and the key."""
 
 

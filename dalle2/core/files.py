@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from dalle2.core.errors import Dalle2Error
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call `write(f)` with a temporary sibling of `path` open for binary writing, then rename it to
@@ -65,7 +67,7 @@ LOCK_NAME = ".lock"
 _TMP_PID = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_write's temporary names: .<name>.tmp-<pid>
 
 
-class LockError(Exception):
+class LockError(Dalle2Error):
     """Another live process holds a folder's lock; the message names the folder and the pid."""
 
 

@@ -3,10 +3,10 @@ the GPU's bf16 peak. Shared by training, sampling and the instruments, so sampli
 training loop."""
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
-import os
 
 import torch
 import torch.distributed as dist
@@ -108,12 +108,6 @@ def rank0_first(fn: Callable, dist_info: DistInfo):
         return result
     dist.barrier()
     return fn()
-
-
-def load_data(data_cfg, dist_info: DistInfo):
-    """(train, test) datasets; the shapes data is generated on first use (by rank 0 only)."""
-    from data.datasets import load_dataset
-    return rank0_first(lambda: (load_dataset(data_cfg, "train"), load_dataset(data_cfg, "test")), dist_info)
 
 
 def _sync(device: torch.device) -> None:

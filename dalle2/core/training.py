@@ -33,10 +33,11 @@ from tqdm import tqdm
 
 from dalle2.core.checkpoint import FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from dalle2.core.config import Config, TrainConfig, save_config
+from dalle2.core.errors import Dalle2Error
 from dalle2.core.files import FolderLock, atomic_write_text, clean_orphans
-from dalle2.evaluation.report import format_table
+from dalle2.core.plots import training_curves
+from dalle2.core.report import format_table
 from dalle2.core.runtime import DistInfo, _sync, autocast, bf16_peak_tflops, make_grad_scaler, resolve_precision
-
 
 MAX_SANE_WEIGHT = 1e6  # no weight of a working model gets near this; a diverged one passes it before going inf
 
@@ -47,7 +48,7 @@ def init_seed(tc: TrainConfig) -> None:
     torch.manual_seed(_step_seed(tc.seed, -1, 0))
 
 
-class TrainingError(Exception):
+class TrainingError(Dalle2Error):
     """Training cannot go on (non-finite loss, resume mismatch); the message says why."""
 
 
@@ -331,7 +332,6 @@ class Trainer:
     def plot_curves(self) -> None:
         """DIR/<stage>/loss.png: loss and learning rate so far (at each evaluation and at the end)."""
         if self.dist.is_main:
-            from dalle2.core.plots import training_curves
             training_curves(self.metrics_path, self.run_dir / "loss.png", self.stage)
 
     def print(self, text: str) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dalle2.core.checkpoint import model_from_checkpoint
 from dalle2.core.layers import Attention, TimestepEmbedding, Transformer
+from dalle2.diffusion import GaussianDiffusion
 
 
 def norm_groups(channels: int) -> int:
@@ -452,7 +453,6 @@ def build_decoder(cfg, vocab_size: int) -> Decoder:
     `cfg.decoder.diffusion`; vocab_size from the tokenizer."""
     from dataclasses import asdict
 
-    from dalle2.diffusion import GaussianDiffusion
     unet = UNet(image_size=cfg.data.image_size, embed_dim=cfg.clip.model.embed_dim, vocab_size=vocab_size,
                 context_length=cfg.clip.model.context_length, clip_text_width=cfg.clip.model.text_width,
                 **asdict(cfg.decoder.model))

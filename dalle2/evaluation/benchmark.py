@@ -32,9 +32,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from clip.model import build_clip
 from dalle2.core.cli import main_wrapper
 from dalle2.core.config import add_config_args, config_from_args
 from dalle2.core.runtime import pick_device
+from dalle2.core.tokenizer import Tokenizer
+from dalle2.decoder import build_decoder
+from dalle2.diffusion import SAMPLERS
+from dalle2.prior import build_prior
+from dalle2.unclip import DALLE2
+from data.captioned import CaptionedImages, StepBatches, build_caption_table
+from data.captions import COLOURS, SHAPES
 
 CAPTIONS = ["a large gold pentagon and a small blue circle", "an orange circle", "the small teal triangle",
             "a medium white rectangle and a navy square"]
@@ -42,12 +50,6 @@ CAPTIONS = ["a large gold pentagon and a small blue circle", "an orange circle",
 
 def random_pipeline(cfg, device):
     """DALLE2 built from a config with random weights (for timing only)."""
-    from clip.model import build_clip
-    from dalle2.decoder import build_decoder
-    from dalle2.prior import build_prior
-    from dalle2.core.tokenizer import Tokenizer
-    from dalle2.unclip import DALLE2
-    from data.shapes import COLOURS, SHAPES
     words = [f"a {size} {c} {s}" for size in ("small", "medium", "large") for c in COLOURS for s in SHAPES]
     tok = Tokenizer.build(words + CAPTIONS, cfg.clip.model.context_length)
     clip = build_clip(cfg.clip.model, tok.vocab_size, cfg.data.image_size)
@@ -64,7 +66,6 @@ def sync(device):
 def parse_settings(text: str, sampling) -> list[dict]:
     """'default,ddim:50:50,dpmpp2m:15' -> [{"name", "sampler", "steps", "prior_steps"}, ...]; "default" is
     the sampling config's; a missing PRIOR_STEPS is STEPS."""
-    from dalle2.diffusion import SAMPLERS
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         if item == "default":
@@ -174,7 +175,6 @@ def cost_per_image(setting: dict, costs) -> dict:
 def data_throughput(device, n: int = 20000, batch_size: int = 512, steps: int = 50) -> float:
     """images/s of the training data path (StepBatches + CaptionedImages.sample with flips) on a
     synthetic 32x32 dataset held on `device`: the rate a training step can be fed at."""
-    from data.datasets import CaptionedImages, StepBatches, build_caption_table
     ds = CaptionedImages(torch.zeros(n, 3, 32, 32, dtype=torch.uint8),
                          *build_caption_table([["a red circle at the left"]] * n)).to(device)
     batches = StepBatches(n, batch_size, seed=0)
@@ -209,7 +209,6 @@ def main(argv=None):
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     if args.checkpoints:
-        from dalle2.unclip import DALLE2
         model = DALLE2.from_pretrained(args.checkpoints).to(device)  # a run folder or an export
         source = args.checkpoints
     else:

@@ -28,9 +28,28 @@ from typing import Optional
 
 import torch
 
-from dalle2.core.cli import main_wrapper
-from dalle2.core.config import add_config_args
+from clip.evaluate import embed_images, embed_texts
+from dalle2.core.cli import main_wrapper, read_prompts
+from dalle2.core.config import add_config_args, data_config_for_checkpoint
+from dalle2.core.report import write_report
 from dalle2.core.runtime import pick_device
+from dalle2.evaluation.faithfulness import evaluate as faithfulness
+from dalle2.evaluation.faithfulness import prompt_sets as extra_sets
+from dalle2.evaluation.metrics import (
+    caption_match,
+    fid_kid_from_features,
+    frechet_distance,
+    inception_features,
+    kernel_distance,
+    load_inception,
+    mean_pairwise_distance,
+    memorisation,
+    spread,
+)
+from dalle2.evaluation.reader import AttributeReader, format_accuracy, reader_accuracy
+from dalle2.unclip import DALLE2
+from data.captions import parse_caption
+from data.datasets import load_dataset
 
 DIVERSITY_CAPTIONS = 16  # captions drawn several times for the diversity figures
 DIVERSITY_SAMPLES = 4
@@ -43,19 +62,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_features(clip, images_uint8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    from clip.evaluate import embed_images
     return embed_images(clip, images_uint8, batch_size).cpu()
 
 
 def distances(gen_feats: torch.Tensor, real_feats: torch.Tensor, seed: int = 0) -> dict:
-    from dalle2.evaluation.metrics import frechet_distance, kernel_distance
     kid, kid_std = kernel_distance(gen_feats, real_feats, subsets=50, subset_size=min(1000, len(gen_feats)), seed=seed)
     return {"clip_fd": frechet_distance(gen_feats, real_feats), "clip_kid": kid, "clip_kid_std": kid_std}
 
 
 def diversity(model, reader, captions: list[str], settings: dict, seed: int) -> dict:
     """Spread of DIVERSITY_SAMPLES samples for each of the first DIVERSITY_CAPTIONS captions."""
-    from dalle2.evaluation.metrics import mean_pairwise_distance, spread
     caps = captions[:DIVERSITY_CAPTIONS]
     images = model.generate(caps, n_per_text=DIVERSITY_SAMPLES, seed=seed + 1, **settings)
     feats = clip_features(model.clip, to_uint8(images)).view(len(caps), DIVERSITY_SAMPLES, -1)
@@ -79,8 +95,6 @@ def diversity(model, reader, captions: list[str], settings: dict, seed: int) -> 
 def caption_match_of(model, feats: torch.Tensor, rows: list[str], seed: int = 0) -> dict:
     """CLIP score and R-precision (dalle2.evaluation.metrics.caption_match) of images, given by their CLIP image
     features (N, E), against their captions `rows` (N), with the run's own CLIP."""
-    from clip.evaluate import embed_texts
-    from dalle2.evaluation.metrics import caption_match
     distinct = list(dict.fromkeys(rows))
     index = {c: i for i, c in enumerate(distinct)}
     text = embed_texts(model.clip, distinct).cpu()
@@ -101,7 +115,6 @@ class RealFeatures:
     def compute(cls, model, real_test: torch.Tensor, real_train: torch.Tensor,
                 inception_weights: Optional[str] = None) -> "RealFeatures":
         """real_test, real_train: uint8 (N, 3, H, W) images."""
-        from dalle2.evaluation.metrics import inception_features, load_inception
         net = load_inception(model.device, inception_weights)
         return cls(clip_features(model.clip, real_test), clip_features(model.clip, real_train), net,
                    None if net is None else inception_features(real_test, model.device, model=net))
@@ -113,8 +126,6 @@ def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real:
     measure. Returns {"settings", "sets": {name: {"faithfulness", ...}}, "diversity", "distance",
     "memorisation", "seconds"} (+ "images" per set when keep_images). Distances and memorisation
     need `real`."""
-    from dalle2.evaluation.faithfulness import evaluate as faithfulness
-    from dalle2.evaluation.metrics import fid_kid_from_features, inception_features, memorisation
     t0 = time.perf_counter()
     result = {"settings": dict(settings), "sets": {}}
     test_images = None
@@ -154,7 +165,6 @@ def evaluate_settings(model, reader, prompt_sets: dict, settings: dict, *, real:
 def reference_figures(real: RealFeatures, seed: int = 0) -> dict:
     """What real data scores: train vs test distance (the floor a generator can reach with this many
     samples) and the near-duplicate rate of real test images against the training set."""
-    from dalle2.evaluation.metrics import memorisation
     g = torch.Generator().manual_seed(seed)
     subset = real.train[torch.randperm(len(real.train), generator=g)[:len(real.test)]]
     mem = memorisation(real.test, real.train)
@@ -168,9 +178,6 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
     """The model, the reader (shapes only), the prompt sets and the real images to compare with.
     The data's location comes from `config_args` (--config/--preset/--set), never from the checkpoints;
     the data config used is `model.data_config`."""
-    from dalle2.core.config import data_config_for_checkpoint
-    from dalle2.unclip import DALLE2
-    from data.datasets import load_dataset
     model = DALLE2.from_pretrained(checkpoints).to(device).eval()  # a run folder or an export
     cfg = model.decoder.config
     model.data_config = data_config_for_checkpoint(cfg, config_args)
@@ -179,21 +186,17 @@ def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file
     n = min(limit or len(test), len(test))
     prompt_sets = {}
     if prompts_file:
-        from dalle2.core.cli import read_prompts
         prompt_sets["prompts"] = read_prompts(prompts_file)[:n]
     else:
         prompt_sets["test"] = [test.caption_of(i) for i in range(n)]
     reader = None
     if model.data_config.dataset == "shapes":
-        from dalle2.evaluation.faithfulness import prompt_sets as extra_sets
-        from dalle2.evaluation.reader import AttributeReader
         reader = AttributeReader.default(cfg.data.image_size, cache_dir=reader_cache, progress=True)
         extra = extra_sets(seed=0, n=max(1, min(n, 240)))
         for name in sets:
             if name in extra:
                 prompt_sets[name] = extra[name]
         if prompts_file:  # the reader can only score captions in the shapes vocabulary
-            from dalle2.evaluation.faithfulness import parse_caption
             for caption in prompt_sets["prompts"]:
                 try:
                     parse_caption(caption)
@@ -226,7 +229,6 @@ def main(argv=None):
     p.add_argument("--reader-cache", default=None, help="folder for the cached attribute reader")
     add_config_args(p)  # where the data is: the user's config, never the checkpoints'
     args = p.parse_args(argv)
-    from dalle2.evaluation.report import write_report
     device = pick_device(args.device)
     limit = args.limit or (None if device.type == "cuda" else 200)
     model, reader, prompt_sets, real_test, real_train = load_everything(
@@ -238,7 +240,6 @@ def main(argv=None):
     report = {"checkpoints": str(args.checkpoints), "data": model.data_config.root,
               "sampling": {**vars(model.sampling), **settings}, "device": str(device)}
     if reader is not None:
-        from dalle2.evaluation.reader import format_accuracy, reader_accuracy
         report["reader_accuracy"] = reader_accuracy(reader, n=1000, seed=123)
         print(format_accuracy(report["reader_accuracy"]))
     real = RealFeatures.compute(model, real_test, real_train, args.inception)

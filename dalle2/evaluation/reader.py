@@ -14,9 +14,8 @@ Design, and why:
   to sub-pixel accuracy. Connected components come from a data-parallel union-find on the pixel
   graph (vectorised over the batch; no scipy); a blob is split where it holds sizeable parts of
   different colours, so two objects of different colours that blur into each other stay two.
-- Shape is learned: a small CNN reads each object's coverage map (colour-free, cropped around its
-  centroid and scale-normalised, so it only has to learn six silhouettes) plus six
-  rotation-invariant moment features. It trains on CPU in ~20 s on freshly rendered scenes.
+- Shape is learned: a small CNN reads each object's coverage map (colour-free, centred and scale-normalised:
+  six silhouettes to learn) and six rotation-invariant moments. It trains on CPU in ~20 s on fresh renders.
 - The 128-px bounding box (hence the size and position words) comes from per-shape least-squares
   fits from the moments to the true box, calibrated on the same rendered scenes.
 
@@ -44,10 +43,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from data.datasets import square_resize
-from data.shapes import BACKGROUND, CANVAS, COLOURS, SHAPES, position_word, render, sample_scene, size_word
 
 from dalle2.core.checkpoint import atomic_torch_save
+from data.captions import COLOURS, SHAPES
+from data.decode import square_resize
+from data.shapes import BACKGROUND, CANVAS, position_word, render, sample_scene, size_word
 
 VERSION = 1  # bump when reading or training changes, so cached readers are rebuilt
 COLOUR_NAMES = tuple(COLOURS)

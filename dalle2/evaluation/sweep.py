@@ -20,10 +20,11 @@ from pathlib import Path
 
 from dalle2.core.cli import main_wrapper
 from dalle2.core.config import add_config_args
+from dalle2.core.files import atomic_write_text
+from dalle2.core.plots import scatter_plot
+from dalle2.core.runtime import pick_device
 from dalle2.diffusion import SAMPLERS
 from dalle2.evaluation.evaluate import RealFeatures, evaluate_settings, load_everything
-from dalle2.core.files import atomic_write_text
-from dalle2.core.runtime import pick_device
 
 
 def _floats(text: str) -> list[float]:
@@ -80,7 +81,6 @@ def main(argv=None):
     samplers = [s.strip() for s in (args.samplers or "").split(",") if s.strip()]
     if any(s not in SAMPLERS for s in samplers):  # before anything is loaded
         raise SystemExit(f"error: --samplers {args.samplers}: each must be one of {', '.join(SAMPLERS)}")
-    from dalle2.core.plots import scatter_plot
     device = pick_device(args.device)
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(

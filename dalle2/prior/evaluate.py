@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clip.evaluate import heldout_mask, true_caption_hits
-from dalle2.evaluation.report import format_table
 from dalle2.core.cli import main_wrapper
 from dalle2.core.config import add_config_args, apply_overrides, data_config_for_checkpoint
-from dalle2.embeddings import Embeddings, check_same_clip, load_clip_for_stage, load_or_compute
+from dalle2.core.report import format_table
 from dalle2.core.runtime import pick_device
-from data.datasets import CaptionedImages, load_dataset
+from dalle2.embeddings import Embeddings, check_same_clip, load_clip_for_stage, load_or_compute
+from dalle2.prior import DiffusionPrior
+from data.captioned import CaptionedImages
+from data.datasets import load_dataset
 
 
 @torch.no_grad()
@@ -152,7 +154,6 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     add_config_args(p)  # where the data is: the user's config, never the checkpoint's (see data_config_for_checkpoint)
     args = p.parse_args(argv)
-    from dalle2.prior import DiffusionPrior
     device = pick_device(args.device)
     ckpt = Path(args.checkpoint)
     prior = DiffusionPrior.from_checkpoint(ckpt).to(device)

@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle2.core.checkpoint import model_from_checkpoint
-from dalle2.diffusion import GaussianDiffusion
 from dalle2.core.layers import TimestepEmbedding, Transformer
+from dalle2.diffusion import GaussianDiffusion
 
 
 def check_text_inputs(text_emb: torch.Tensor, text_enc: torch.Tensor, text_mask: torch.Tensor, *,

@@ -1,5 +1,6 @@
-"""Writing evaluation results for people: report.json, report.md and a best/worst picture (the
-sweep's plot is in plots.py, drawn with Pillow, so plots add no dependency)."""
+"""The evaluation report format, for people and for the model card: report.json, report.md and a
+best/worst picture. A file format like the checkpoint's, so it sits in core: the instruments write it,
+the export (dalle2/pretrained.py) quotes it, and neither has to import the other."""
 from __future__ import annotations
 
 import json
