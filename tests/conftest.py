@@ -2,12 +2,11 @@
 competing for 2 cores) and no tqdm bars cluttering the output."""
 import os
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-import pytest
 
 
 def tiny_overrides(root, n_train: int = 64, n_test: int = 16, steps: int = 6) -> list:
