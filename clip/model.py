@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle2.core.checkpoint import model_from_checkpoint
+from dalle2.core.checkpoint import Provenance, model_from_checkpoint
 from dalle2.core.layers import Transformer
 
 # exp(logit_scale) is clamped to at most 100 "to prevent scaling the logits by more than 100, which we
@@ -136,7 +136,7 @@ def caption_labels(tokens: torch.Tensor) -> torch.Tensor:
     return torch.unique(tokens, dim=0, return_inverse=True)[1]
 
 
-class CLIP(nn.Module):
+class CLIP(Provenance, nn.Module):
     """Contrastive Language-Image Pre-training: a ViT image encoder and a causal text transformer whose
     L2-normalised outputs are compared by a cosine similarity scaled by a learned temperature."""
 

@@ -10,7 +10,7 @@ whose CLIP or data differ is rebuilt, never silently used.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,8 @@ from tqdm import tqdm
 from clip.model import CLIP
 from dalle2.core.checkpoint import CheckpointError, atomic_torch_save
 from dalle2.core.cli import load_and_print_config
-from dalle2.core.runtime import rank0_first, setup_distributed
+from dalle2.core.config import Config
+from dalle2.core.runtime import DistInfo, rank0_first, setup_distributed
 from dalle2.core.training import TrainingError
 from data.captioned import CaptionedImages, to_float
 from data.datasets import load_data
@@ -119,20 +120,30 @@ def load_clip_for_stage(clip_path: str | Path, device):
 def check_same_clip(model, clip) -> None:
     """A prior or decoder must run with the CLIP it was trained on (its hash is in model.extra).
     Models built in memory, with no recorded hash on either side, are not checked."""
-    want, have = getattr(model, "extra", {}).get("clip_hash"), getattr(clip, "checkpoint_hash", None)
+    want, have = model.extra.get("clip_hash"), clip.checkpoint_hash
     if want is not None and have is not None and want != have:
-        raise CheckpointError(f"{getattr(model, 'checkpoint_path', 'this model')}: was trained on CLIP {want}, but "
-                              f"{getattr(clip, 'checkpoint_path', 'the CLIP given')} is CLIP {have}; "
+        raise CheckpointError(f"{model.checkpoint_path or 'this model'}: was trained on CLIP {want}, but "
+                              f"{clip.checkpoint_path or 'the CLIP given'} is CLIP {have}; "
                               f"use the clip.pt it was trained with")
 
 
-def prepare_stage(args):
+@dataclass
+class StageInputs:
+    """What the prior and the decoder train from: the process group, the config (recording the CLIP
+    used), the frozen CLIP and its hash, both splits and their CLIP embeddings."""
+    dist: DistInfo
+    cfg: Config
+    clip: CLIP
+    clip_hash: str
+    train: CaptionedImages
+    test: CaptionedImages
+    emb_train: Embeddings
+    emb_test: Embeddings
+
+
+def prepare_stage(args) -> StageInputs:
     """What the prior and decoder training scripts share: the process group, the config, the frozen
-    CLIP (OUT/clip.pt unless --clip), the data and the embedding caches of both splits.
-    Returns (dist, cfg, clip, clip_hash, train, test, emb_train, emb_test)."""
-    from dataclasses import replace
-
-
+    CLIP (OUT/clip.pt unless --clip), the data and the embedding caches of both splits."""
     dist = setup_distributed(args.device)
     cfg = load_and_print_config(args, dist.is_main)
     clip_path = Path(args.clip) if args.clip else Path(args.out) / "clip.pt"
@@ -147,4 +158,4 @@ def prepare_stage(args):
     emb_train, emb_test = rank0_first(lambda: (
         load_or_compute(clip, clip_hash, train, cache, "train", progress=dist.is_main),
         load_or_compute(clip, clip_hash, test, cache, "test", progress=dist.is_main)), dist)
-    return dist, cfg, clip, clip_hash, train, test, emb_train, emb_test
+    return StageInputs(dist, cfg, clip, clip_hash, train, test, emb_train, emb_test)

@@ -81,7 +81,7 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
     folder = Path(folder)
     stages = {s: getattr(model, s) for s in STAGES}
     for name, m in stages.items():
-        if getattr(m, "config", None) is None:
+        if m.config is None:
             raise CheckpointError(f"the {name} has no .config: save_pretrained exports stages loaded with "
                                   f"from_checkpoint/from_run/from_pretrained (their config rebuilds the model)")
     tokenizer = model.clip.tokenizer
@@ -102,12 +102,12 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
         dtypes |= {str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()}
         blob = _safetensors().save(tensors, metadata={"format": "pt", "stage": name})
         if name == "clip":  # its own identity; the prior and decoder record the CLIP they were trained on
-            clip_hash = getattr(m, "checkpoint_hash", None) or state_hash(m.state_dict())
+            clip_hash = m.checkpoint_hash or state_hash(m.state_dict())
         else:
-            clip_hash = (getattr(m, "extra", None) or {}).get("clip_hash")
+            clip_hash = m.extra.get("clip_hash")
         index["stages"][name] = {
-            "clip_hash": clip_hash, "step": int(getattr(m, "step", 0)),
-            "extra": {k: v for k, v in (getattr(m, "extra", None) or {}).items() if k != "clip_hash"},
+            "clip_hash": clip_hash, "step": int(m.step),
+            "extra": {k: v for k, v in m.extra.items() if k != "clip_hash"},
             "parameters": sum(p.numel() for p in m.parameters()),
             "weights": f"{name}/{WEIGHTS}", "sha256": hashlib.sha256(blob).hexdigest()}
         blobs[name] = blob
@@ -174,7 +174,7 @@ def _safetensors():
 def _earlier_provenance(decoder, run_dir: Optional[Path]) -> dict:
     """Command, hardware and commit recorded by an earlier export of the same weights: the export they
     were loaded from, or the run's own OUT/pretrained/ (written on the training machine by the pipeline)."""
-    path = getattr(decoder, "checkpoint_path", None)
+    path = decoder.checkpoint_path
     candidates = [Path(path).parent.parent / INDEX] if path is not None and Path(path).name == WEIGHTS else []
     candidates += [run_dir / "pretrained" / INDEX] if run_dir is not None else []
     for candidate in candidates:
@@ -188,7 +188,7 @@ def _earlier_provenance(decoder, run_dir: Optional[Path]) -> dict:
 
 def _source_run_dir(decoder) -> Optional[Path]:
     """The run folder the decoder came from (OUT of OUT/decoder.pt), None for an export."""
-    path = getattr(decoder, "checkpoint_path", None)
+    path = decoder.checkpoint_path
     if path is None or Path(path).name == WEIGHTS:
         return None
     return Path(path).parent
@@ -271,8 +271,7 @@ def read_stage(folder: Path, stage: str, entry: dict) -> tuple[dict, dict]:
 
 def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
     """One stage: config.json -> model, model.safetensors (its sha256 checked against the index) ->
-    weights, with the attributes model_from_checkpoint sets (.config, .tokenizer, .step, .extra,
-    .checkpoint_hash, .checkpoint_path)."""
+    weights, with its Provenance set as model_from_checkpoint sets it."""
 
     config_path, weights_path = folder / stage / CONFIG, folder / stage / WEIGHTS
     state, config = read_stage(folder, stage, entry)
@@ -294,15 +293,12 @@ def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
                                   f"{tuple(want[key].shape)}")
         state[key] = t.to(want[key].dtype)  # fp16 exports are upcast here, on the CPU
     model.load_state_dict(state)
-    model.config, model.tokenizer, model.step = cfg, tokenizer, int(entry["step"])
-    model.extra = dict(entry.get("extra") or {})
-    if stage == "clip":
-        model.checkpoint_hash = entry["clip_hash"]  # the identity the prior and decoder recorded
-    else:
-        model.checkpoint_hash = state_hash(state)
-        if entry["clip_hash"] is not None:
-            model.extra["clip_hash"] = entry["clip_hash"]
-    model.checkpoint_path = str(weights_path)
+    extra = dict(entry.get("extra") or {})
+    if stage != "clip" and entry["clip_hash"] is not None:
+        extra["clip_hash"] = entry["clip_hash"]
+    # the CLIP's identity is the hash the prior and decoder recorded; theirs is of their own weights
+    own_hash = entry["clip_hash"] if stage == "clip" else state_hash(state)
+    model.set_provenance(cfg, tokenizer, entry["step"], extra, own_hash, weights_path)
     return model
 
 

@@ -29,7 +29,9 @@ GRID_IMAGES = 8
 def main(argv=None):
     args = training_parser(__doc__, "decoder").parse_args(argv)
     try:
-        dist, cfg, clip, clip_hash, train, test, emb_train, emb_test = prepare_stage(args)
+        inputs = prepare_stage(args)
+        dist, cfg, clip, clip_hash = inputs.dist, inputs.cfg, inputs.clip, inputs.clip_hash
+        train, test, emb_train, emb_test = inputs.train, inputs.test, inputs.emb_train, inputs.emb_test
         dev, tc = dist.device, cfg.decoder.train
         init_seed(tc)  # same config, same initial weights
         decoder = build_decoder(cfg, clip.tokenizer.vocab_size)

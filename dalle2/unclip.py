@@ -88,7 +88,7 @@ class DALLE2(nn.Module):
         self.clip, self.prior, self.decoder = clip.eval(), prior.eval(), decoder.eval()
         self.tokenizer = clip.tokenizer
         if sampling is None:  # the sampling defaults saved with the decoder, else the library's
-            sampling = decoder.config.sampling if hasattr(decoder, "config") else SamplingConfig()
+            sampling = decoder.config.sampling if decoder.config is not None else SamplingConfig()
         self.sampling = sampling
         self.image_size = decoder.unet.image_size
 

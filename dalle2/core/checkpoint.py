@@ -17,11 +17,12 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import torch
 
-from dalle2.core.config import ConfigError, config_from_dict
+from dalle2.core.config import Config, ConfigError, config_from_dict
 from dalle2.core.errors import Dalle2Error
 from dalle2.core.files import atomic_write
 from dalle2.core.tokenizer import Tokenizer
@@ -69,11 +70,27 @@ def state_hash(state_dict: dict, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+class Provenance:
+    """What a stage loaded from a checkpoint (`model_from_checkpoint`) or an export (dalle2/pretrained.py)
+    knows of itself, declared on the model classes (CLIP, DiffusionPrior, Decoder derive from this) so
+    that callers read attributes instead of probing for them. A model built in memory keeps these
+    defaults: no config, tokenizer, hash or path, step 0, no extra facts."""
+    config: Optional[Config] = None
+    tokenizer: Optional[Tokenizer] = None
+    step: int = 0
+    extra: Mapping = MappingProxyType({})  # {"clip_hash": the CLIP a prior or decoder was trained on, ...}
+    checkpoint_hash: Optional[str] = None  # of its weights: what later stages record to detect a mismatched CLIP
+    checkpoint_path: Optional[str] = None
+
+    def set_provenance(self, config: Config, tokenizer: Optional[Tokenizer], step: int, extra: Optional[dict],
+                       checkpoint_hash: str, checkpoint_path: str | os.PathLike) -> None:
+        self.config, self.tokenizer, self.step, self.extra = config, tokenizer, int(step), dict(extra or {})
+        self.checkpoint_hash, self.checkpoint_path = checkpoint_hash, str(checkpoint_path)
+
+
 def model_from_checkpoint(path: str | os.PathLike, stage: str, build, map_location="cpu"):
     """Rebuild a stage's model from its checkpoint alone: `build(config, tokenizer) -> nn.Module`,
-    then load the weights. The model gets `.config`, `.tokenizer`, `.step`, `.extra`,
-    `.checkpoint_hash` (of its weights: what later stages record to detect a mismatched CLIP) and
-    `.checkpoint_path` attributes."""
+    then load the weights and set its `Provenance` (the model class derives from it)."""
 
     ckpt = load_checkpoint(path, stage, map_location)
     try:
@@ -87,8 +104,5 @@ def model_from_checkpoint(path: str | os.PathLike, stage: str, build, map_locati
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
                               f"({str(e).splitlines()[0][:160]})") from None
-    model.config, model.tokenizer, model.step = cfg, tokenizer, int(ckpt.get("step", 0))
-    model.extra = dict(ckpt.get("extra") or {})
-    model.checkpoint_hash = state_hash(ckpt["model"])
-    model.checkpoint_path = str(path)
+    model.set_provenance(cfg, tokenizer, ckpt.get("step", 0), ckpt.get("extra"), state_hash(ckpt["model"]), path)
     return model

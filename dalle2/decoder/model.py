@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle2.core.checkpoint import model_from_checkpoint
+from dalle2.core.checkpoint import Provenance, model_from_checkpoint
 from dalle2.core.layers import Attention, TimestepEmbedding, Transformer
 from dalle2.diffusion import GaussianDiffusion
 
@@ -396,7 +396,7 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-class Decoder(nn.Module):
+class Decoder(Provenance, nn.Module):
     """UNet + diffusion process; the decoder checkpoint stores the UNet weights and config."""
 
     def __init__(self, unet: UNet, diffusion):

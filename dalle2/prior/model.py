@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle2.core.checkpoint import model_from_checkpoint
+from dalle2.core.checkpoint import Provenance, model_from_checkpoint
 from dalle2.core.layers import TimestepEmbedding, Transformer
 from dalle2.diffusion import GaussianDiffusion
 
@@ -162,7 +162,7 @@ class PriorNetwork(nn.Module):
         return self.out(self.ln_f(h[:, -1]))  # (N, D)
 
 
-class DiffusionPrior(nn.Module):
+class DiffusionPrior(Provenance, nn.Module):
     """Network + diffusion process + embedding scaling. The prior checkpoint stores the network
     weights and config; the diffusion process has no weights and is rebuilt from the config."""
 
