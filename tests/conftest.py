@@ -22,6 +22,13 @@ def tiny_overrides(root, n_train: int = 64, n_test: int = 16, steps: int = 6) ->
     return [x for s in sets for x in ("--set", s)]
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that trains the tiny run is an end-to-end test (see the e2e marker in pyproject.toml)."""
+    for item in items:
+        if "tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Caches (the attribute reader's weights) go to a temporary folder, never the user's home."""

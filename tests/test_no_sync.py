@@ -3,6 +3,7 @@ seen, so these tests watch the operations that cause them on CUDA: reading a ten
 (`.item()`, `bool(t)`, `int(t)`: aten._local_scalar_dense) and data-dependent shapes (nonzero,
 masked_select, unique: the host must learn the size). The batch sampler, the CLIP embeddings lookup and
 every stage's loss are run under a dispatch mode that records them."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,6 +81,7 @@ def _tiny_stages():
     return (prior, prior_batch), (decoder, decoder_batch)
 
 
+@pytest.mark.e2e
 def test_compiled_training_step_has_no_graph_break():
     # train.compile=true compiles the loss wrapper; the schedule-array device cache used to break the graph
     # at every lookup (9 breaks in the prior's step, 13 in the decoder's).

@@ -2,6 +2,7 @@
 import json
 import shlex
 
+import pytest
 import torch
 from conftest import tiny_overrides
 
@@ -10,6 +11,8 @@ from dalle2.core.config import load_config
 from dalle2.evaluation.sweep import main as sweep
 from dalle2.pipeline import main as pipeline
 from data.datasets import load_dataset
+
+pytestmark = pytest.mark.e2e  # runs the whole thing
 
 
 def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):

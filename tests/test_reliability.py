@@ -148,6 +148,7 @@ main_wrapper(lambda argv: make_trainer(out, steps=100000).fit(slow))([])
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_like_ctrl_c(tmp_path):
     from dalle2.core.checkpoint import load_checkpoint

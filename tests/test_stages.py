@@ -107,6 +107,7 @@ def test_embedding_cache_is_reused_and_rebuilt_when_stale(tiny_run, tmp_path):
     assert not torch.equal(rebuilt.image_emb[0], first.image_emb[0])
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on CPU")
 def test_ddp_two_processes_on_cpu(tmp_path):
     import socket
@@ -125,6 +126,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert len([l for l in lines if '"loss"' in l]) == 4  # rank 0 alone logs
 
 
+@pytest.mark.e2e
 def test_clip_on_a_fake_cifar10_folder_reports_zero_shot_accuracy(tmp_path):
     from test_datasets import write_fake_cifar
 
