@@ -4,12 +4,13 @@ training loop."""
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 @dataclass
@@ -127,3 +128,15 @@ def bf16_peak_tflops(device: torch.device) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name and v > 0), None)
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """`module.eval()` inside the block (no dropout, no random condition dropout), then its former
+    train/eval state back, also when the block raises."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

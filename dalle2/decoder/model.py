@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dalle2.core.checkpoint import Provenance, model_from_checkpoint
 from dalle2.core.layers import Attention, TimestepEmbedding, Transformer
+from dalle2.core.runtime import eval_mode
 from dalle2.diffusion import GaussianDiffusion
 
 
@@ -433,17 +434,13 @@ class Decoder(Provenance, nn.Module):
         generator: one, or a list of N (one per image); guidance_interval, callback: see
         GaussianDiffusion.sample. Returns images (N, 3, H, W) float in [-1, 1]."""
         s = self.unet.image_size
-        was_training = self.unet.training
-        self.unet.eval()  # no dropout and no random condition dropout while sampling
-        try:
+        with eval_mode(self.unet):  # no dropout and no random condition dropout while sampling
             x = self.diffusion.sample(self.unet, (image_emb.shape[0], 3, s, s), steps=steps, sampler=sampler, eta=eta,
                                       model_kwargs=dict(image_emb=image_emb,
                                                         **self.unet.text_inputs(tokens, text_enc, text_mask)),
                                       generator=generator,
                                       noise=noise, clip_x0=clip_x0, guidance_scale=guidance_scale, progress=progress,
                                       guidance_interval=guidance_interval, callback=callback)
-        finally:
-            self.unet.train(was_training)
         return x.clamp(-1, 1)
 
 

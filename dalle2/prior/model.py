@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from dalle2.core.checkpoint import Provenance, model_from_checkpoint
 from dalle2.core.layers import TimestepEmbedding, Transformer
+from dalle2.core.runtime import eval_mode
 from dalle2.diffusion import GaussianDiffusion
 
 
@@ -227,17 +228,13 @@ class DiffusionPrior(Provenance, nn.Module):
         kwargs = dict(text_emb=self.scale(text_emb).repeat_interleave(candidates, 0),  # (N*c, D)
                       text_enc=text_enc.repeat_interleave(candidates, 0),  # (N*c, L, text_width)
                       text_mask=text_mask.repeat_interleave(candidates, 0))  # (N*c, L)
-        was_training = self.net.training
-        self.net.eval()  # no random condition dropout or dropout while sampling
-        try:
+        with eval_mode(self.net):  # no random condition dropout or dropout while sampling
             # guidance_scale != 1: the diffusion runs the net once per step on conditional + null-text rows
             # (classifier-free guidance); the text prefix is encoded once (prepare_conditioning).
             x = self.diffusion.sample(self.net, (n * candidates, d), steps=steps, sampler=sampler, eta=eta,
                                       model_kwargs=kwargs, generator=generator, guidance_scale=guidance_scale,
                                       device=text_emb.device, guidance_interval=guidance_interval,
                                       callback=callback)
-        finally:
-            self.net.train(was_training)
         emb = self.unscale(x).view(n, candidates, d)  # (N, c, D)
         sims = (emb * F.normalize(text_emb.float(), dim=-1)[:, None]).sum(-1)  # (N, c)
         best = sims.argmax(dim=1)  # (N,)
