@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -179,6 +179,18 @@ def _input_format(model: Callable):
     return dtype, channels_last
 
 
+@runtime_checkable
+class PreparesConditioning(Protocol):
+    """The conditioning contract between the sampler and a network (the prior's and the decoder's follow
+    it): `prepare_conditioning(**model_kwargs)` does, once per sample, the work that does not depend on
+    x_t or t (caption encoders, context keys/values) and returns a dict; each step is then
+    `net(x_t, t, cond=that dict)`. A network without it is called `net(x_t, t, **model_kwargs)`."""
+
+    def prepare_conditioning(self, **model_kwargs) -> dict: ...
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, *, cond: dict) -> torch.Tensor: ...
+
+
 def step_model(model: Callable, scale: float, model_kwargs: Optional[dict], n: int) -> Callable:
     """The function a sampling loop calls at every step, fn(x_t, t, guide=True) -> out, for `model(x_t, t,
     **model_kwargs, cond_drop=...)` with classifier-free guidance (Ho & Salimans 2022) at `scale`.
@@ -190,9 +202,9 @@ def step_model(model: Callable, scale: float, model_kwargs: Optional[dict], n: i
     guide=False (a step outside the guidance interval, Kynkaanniemi et al. 2024) is that plain
     conditional call on the N rows only, as at scale 1.
 
-    A model with `prepare_conditioning(**kwargs) -> cond` (the prior and the decoder) has the work that
-    does not depend on x_t or t (caption encoders, context keys/values) done once here; every step is
-    then `model(x_t, t, cond=cond)`. A network with bf16/half weights gets its floating inputs in that
+    A model that follows `PreparesConditioning` (the prior and the decoder) has the work that does not
+    depend on x_t or t (caption encoders, context keys/values) done once here; every step is then
+    `model(x_t, t, cond=cond)`. A network with bf16/half weights gets its floating inputs in that
     dtype (and 4-d x_t in channels_last when its weights are), so no autocast is needed around it.
     """
     kwargs = dict(model_kwargs or {})
@@ -213,7 +225,7 @@ def step_model(model: Callable, scale: float, model_kwargs: Optional[dict], n: i
         kwargs = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
                   for k, v in kwargs.items()}
         kwargs["cond_drop"] = torch.cat([cond_drop, torch.ones_like(cond_drop)])  # (2N,)
-    prepare = getattr(model, "prepare_conditioning", None)
+    prepare = model.prepare_conditioning if isinstance(model, PreparesConditioning) else None
     if prepare is not None:
         kwargs = {"cond": prepare(**kwargs)}
     if scale == 1.0:

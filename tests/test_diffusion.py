@@ -4,14 +4,17 @@ import math
 import pytest
 import torch
 
+from dalle2.decoder.model import UNet
 from dalle2.diffusion import (
     GaussianDiffusion,
+    PreparesConditioning,
     _extract,
     classifier_free_guidance,
     dynamic_threshold,
     make_beta_schedule,
     respaced_timesteps,
 )
+from dalle2.prior.model import PriorNetwork
 
 SHAPES = [(6, 8), (3, 2, 4, 4)]  # the prior's (N, D) and the decoder's (N, C, H, W)
 OBJECTIVES = ["eps", "x0", "v"]
@@ -558,3 +561,9 @@ def test_constructor_and_sampler_validation():
         d.sample(model, (1, 2), steps=11)
     with pytest.raises(ValueError, match="noise"):
         d.sample(model, (1, 2), noise=torch.zeros(2, 2))
+
+
+def test_the_prior_and_the_decoder_follow_the_conditioning_contract():
+    """The sampler prepares the conditioning once for networks that declare it (PreparesConditioning)."""
+    assert issubclass(UNet, PreparesConditioning) and issubclass(PriorNetwork, PreparesConditioning)
+    assert not isinstance(lambda x_t, t: x_t, PreparesConditioning)

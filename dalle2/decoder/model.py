@@ -342,8 +342,8 @@ class UNet(nn.Module):
         """Everything the conditions contribute that does not change between diffusion steps: the caption
         transformer, the CLIP projections and every attention block's context keys/values. A sampler
         computes it once per sample and passes it to each step (`forward(x_t, t, cond=...)`).
-        Arguments as in `forward`. Returns {"emb": (N, 4C), "ctx": [(keys, values, mask)] per attention
-        block in forward order}."""
+        Arguments as in `forward`. Returns {"emb": (N, 4C), "ctx": {stage name: (keys, values, mask)}}, one
+        entry per stage with attention, named as in the module tree ("down.1", "middle.0", "up.2")."""
         n = image_emb.shape[0]
         if self.training:
             drop_clip, drop_text = self.drop_masks(n, image_emb.device)
@@ -360,8 +360,8 @@ class UNet(nn.Module):
             drop_text = torch.ones_like(drop_text)
         cond_emb, context, context_mask = self.condition(image_emb, text.get("tokens"), drop_clip, drop_text,
                                                          text.get("text_enc"), text.get("text_mask"))
-        stages = [s for s in (*self.down, *self.middle, *self.up) if isinstance(s, UNetStage) and s.attn is not None]
-        return {"emb": cond_emb, "ctx": [s.attn.context_kv(context, context_mask) for s in stages]}  # forward order
+        return {"emb": cond_emb, "ctx": {name: stage.attn.context_kv(context, context_mask)
+                                         for name, stage in self.attention_stages()}}
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, image_emb: Optional[torch.Tensor] = None,
                 tokens: Optional[torch.Tensor] = None, text_enc: Optional[torch.Tensor] = None,
@@ -380,21 +380,26 @@ class UNet(nn.Module):
             cond = self.prepare_conditioning(image_emb=image_emb, tokens=tokens, text_enc=text_enc,
                                              text_mask=text_mask, cond_drop=cond_drop)
         emb = F.silu(self.time_embed(t) + cond["emb"])  # (N, 4C); SiLU once here, shared by every ResBlock
-        ctx = iter(cond["ctx"])
+        ctx = cond["ctx"]
 
-        def run(stage, h):
-            return stage(h, emb, next(ctx) if stage.attn is not None else None)
+        def run(name, stage, h):  # each attention stage reads the context prepared under its own name
+            return stage(h, emb, ctx[name] if stage.attn is not None else None)
 
         h = self.conv_in(x_t)
         skips = [h]
-        for stage in self.down:
-            h = run(stage, h) if isinstance(stage, UNetStage) else stage(h)
+        for i, stage in enumerate(self.down):
+            h = run(f"down.{i}", stage, h) if isinstance(stage, UNetStage) else stage(h)
             skips.append(h)
-        for stage in self.middle:
-            h = run(stage, h)
-        for stage in self.up:
-            h = run(stage, torch.cat([h, skips.pop()], dim=1))
+        for i, stage in enumerate(self.middle):
+            h = run(f"middle.{i}", stage, h)
+        for i, stage in enumerate(self.up):
+            h = run(f"up.{i}", stage, torch.cat([h, skips.pop()], dim=1))
         return self.out(h)
+
+    def attention_stages(self) -> list[tuple[str, "UNetStage"]]:
+        """(name, stage) of every stage with context attention, named as in the module tree."""
+        return [(f"{part}.{i}", stage) for part in ("down", "middle", "up") for i, stage in enumerate(getattr(self, part))
+                if isinstance(stage, UNetStage) and stage.attn is not None]
 
 
 class Decoder(Provenance, nn.Module):
