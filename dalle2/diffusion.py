@@ -27,6 +27,8 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
+from dalle2.core.config import DiffusionConfig
+
 OBJECTIVES = ("eps", "x0", "v")
 SCHEDULES = ("cosine", "linear")
 LOSS_WEIGHTINGS = ("plain", "min_snr")
@@ -277,8 +279,9 @@ class GaussianDiffusion:
     original timesteps.
     """
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "cosine", objective: str = "eps",
-                 loss_weighting: str = "plain", min_snr_gamma: float = 5.0):
+    def __init__(self, timesteps: int = DiffusionConfig.timesteps, schedule: str = DiffusionConfig.schedule,
+                 objective: str = DiffusionConfig.objective, loss_weighting: str = DiffusionConfig.loss_weighting,
+                 min_snr_gamma: float = DiffusionConfig.min_snr_gamma):  # defaults: one source, the config
         if int(timesteps) != timesteps or timesteps < 1:
             raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
         if schedule not in SCHEDULES:

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle2.core.checkpoint import Provenance, model_from_checkpoint
+from dalle2.core.config import PriorModelConfig
 from dalle2.core.layers import TimestepEmbedding, Transformer
 from dalle2.core.runtime import eval_mode
 from dalle2.diffusion import GaussianDiffusion
@@ -55,8 +56,9 @@ class PriorNetwork(nn.Module):
     sequence [text tokens, text embedding, timestep, x_t, learned query] (DALL-E 2 section 2.2)."""
 
     def __init__(self, *, embed_dim: int, text_width: int, context_length: int,
-                 width: int = 512, layers: int = 6, heads: int = 8, dropout: float = 0.0,
-                 cond_drop_prob: float = 0.1):
+                 width: int = PriorModelConfig.width, layers: int = PriorModelConfig.layers,
+                 heads: int = PriorModelConfig.heads, dropout: float = PriorModelConfig.dropout,
+                 cond_drop_prob: float = PriorModelConfig.cond_drop_prob):  # defaults: one source, the config
         super().__init__()
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
