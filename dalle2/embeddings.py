@@ -10,10 +10,12 @@ whose CLIP or data differ is rebuilt, never silently used.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 from clip.model import CLIP
@@ -21,8 +23,9 @@ from dalle2.core.checkpoint import CheckpointError, atomic_torch_save
 from dalle2.core.cli import load_and_print_config
 from dalle2.core.config import Config
 from dalle2.core.runtime import DistInfo, rank0_first, setup_distributed
-from dalle2.core.training import TrainingError
-from data.captioned import CaptionedImages, to_float
+from dalle2.core.training import Trainer, TrainingError, init_seed
+from dalle2.pretrained import init_from
+from data.captioned import CaptionedImages, StepBatches, to_float
 from data.datasets import load_data
 
 
@@ -159,3 +162,23 @@ def prepare_stage(args) -> StageInputs:
         load_or_compute(clip, clip_hash, train, cache, "train", progress=dist.is_main),
         load_or_compute(clip, clip_hash, test, cache, "test", progress=dist.is_main)), dist)
     return StageInputs(dist, cfg, clip, clip_hash, train, test, emb_train, emb_test)
+
+
+def stage_trainer(inputs: StageInputs, stage: str, build: Callable[[], nn.Module], args,
+                  init_tokenizer=None) -> tuple[nn.Module, Trainer, StepBatches]:
+    """The rest of what the prior and decoder scripts share: the model built from a seeded RNG (same
+    config, same initial weights), its size printed, --init-from applied (fresh optimizer and schedule on
+    top of earlier weights; `init_tokenizer`: the tokenizer those weights must have been trained with),
+    the Trainer, and the device-side batch sampler of the training split."""
+    dist, cfg, tc = inputs.dist, inputs.cfg, getattr(inputs.cfg, stage).train
+    init_seed(tc)
+    model = build()
+    if dist.is_main:
+        print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"CLIP {inputs.clip_hash}, {len(inputs.train)} training images")
+    if args.init_from:
+        init_from(model, args.init_from, stage, asdict(getattr(cfg, stage).model), init_tokenizer)
+    trainer = Trainer(stage, cfg, tc, model, args.out, tokenizer=inputs.clip.tokenizer,
+                      extra={"clip_hash": inputs.clip_hash}, dist_info=dist)
+    batches = StepBatches(len(inputs.train), tc.batch_size, tc.seed, dist.rank, dist.world_size, device=dist.device)
+    return model, trainer, batches

@@ -9,7 +9,6 @@ test images (top row) and the EMA decoder's samples from their CLIP embeddings a
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,11 +16,9 @@ import torch
 from dalle2.core.cli import main_wrapper, training_parser
 from dalle2.core.images import captioned_grid, save_image_atomic, to_pil
 from dalle2.core.runtime import cleanup_distributed
-from dalle2.core.training import Trainer, init_seed
 from dalle2.decoder import build_decoder
-from dalle2.embeddings import prepare_stage
-from dalle2.pretrained import init_from
-from data.captioned import StepBatches, to_float
+from dalle2.embeddings import prepare_stage, stage_trainer
+from data.captioned import to_float
 
 GRID_IMAGES = 8
 
@@ -30,28 +27,18 @@ def main(argv=None):
     args = training_parser(__doc__, "decoder").parse_args(argv)
     try:
         inputs = prepare_stage(args)
-        dist, cfg, clip, clip_hash = inputs.dist, inputs.cfg, inputs.clip, inputs.clip_hash
-        train, test, emb_train, emb_test = inputs.train, inputs.test, inputs.emb_train, inputs.emb_test
-        dev, tc = dist.device, cfg.decoder.train
-        init_seed(tc)  # same config, same initial weights
-        decoder = build_decoder(cfg, clip.tokenizer.vocab_size)
-        if dist.is_main:
-            print(f"decoder: {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M parameters, "
-                  f"CLIP {clip_hash}, {len(train)} training images")
-        if args.init_from:  # a fresh optimizer and schedule on top of earlier weights
-            init_from(decoder, args.init_from, "decoder", asdict(cfg.decoder.model),
-                      clip.tokenizer if decoder.unet.text_source == 'own' else None)
-        trainer = Trainer("decoder", cfg, tc, decoder, args.out, tokenizer=clip.tokenizer,
-                          extra={"clip_hash": clip_hash}, dist_info=dist)
-        del clip
-        train, emb_train = train.to(dev), emb_train.to(dev)
-        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size, device=dev)
+        cfg, dev, tokenizer = inputs.cfg, inputs.dist.device, inputs.clip.tokenizer
+        own_text = cfg.decoder.model.text_encoder == "own"  # the decoder reads tokens, not CLIP's encodings
+        decoder, trainer, batches = stage_trainer(inputs, "decoder", lambda: build_decoder(cfg, tokenizer.vocab_size),
+                                                  args, init_tokenizer=tokenizer if own_text else None)
+        train, emb_train, emb_test, test = inputs.train.to(dev), inputs.emb_train.to(dev), inputs.emb_test, inputs.test
+        del inputs  # and with it the CLIP
 
         def get_batch(step: int) -> dict:
             idx = batches.indices(step)  # drawn on the device: no host-device sync
             images, caption_ids, flipped = train.sample(idx, batches.generator(step), cfg.data.flip)
             # the embedding of the view the decoder sees: flipped image <-> flipped embedding
-            text = ({"tokens": emb_train.tokens[caption_ids]} if decoder.unet.text_source == "own" else
+            text = ({"tokens": emb_train.tokens[caption_ids]} if own_text else
                     {"text_enc": emb_train.text_enc[caption_ids].float(), "text_mask": emb_train.text_mask[caption_ids]})
             return {"images": to_float(images), "image_emb": emb_train.image(idx, flipped), **text}
 

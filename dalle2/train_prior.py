@@ -8,38 +8,22 @@ Evaluates the sampled embeddings on the test split at the end (see dalle2/prior/
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from dalle2.core.cli import main_wrapper, training_parser
 from dalle2.core.runtime import cleanup_distributed
-from dalle2.core.training import Trainer, init_seed
-from dalle2.embeddings import prepare_stage
-from dalle2.pretrained import init_from
+from dalle2.embeddings import prepare_stage, stage_trainer
 from dalle2.prior import build_prior
 from dalle2.prior.evaluate import evaluate_prior
-from data.captioned import StepBatches
 
 
 def main(argv=None):
     args = training_parser(__doc__, "prior").parse_args(argv)
     try:
         inputs = prepare_stage(args)
-        dist, cfg, clip, clip_hash = inputs.dist, inputs.cfg, inputs.clip, inputs.clip_hash
-        train, test, emb_train, emb_test = inputs.train, inputs.test, inputs.emb_train, inputs.emb_test
-        dev, tc = dist.device, cfg.prior.train
-        init_seed(tc)  # same config, same initial weights
-        prior = build_prior(cfg)
-        if dist.is_main:
-            print(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters, "
-                  f"CLIP {clip_hash}, {len(train)} training images")
-        if args.init_from:  # a fresh optimizer and schedule on top of earlier weights
-            init_from(prior, args.init_from, "prior", asdict(cfg.prior.model),
-                      None)
-        trainer = Trainer("prior", cfg, tc, prior, args.out, tokenizer=clip.tokenizer,
-                          extra={"clip_hash": clip_hash}, dist_info=dist)
-        del clip  # the prior trains on cached embeddings only
-        emb_train, train = emb_train.to(dev), train.to(dev)
-        batches = StepBatches(len(train), tc.batch_size, tc.seed, dist.rank, dist.world_size, device=dev)
+        cfg, dev = inputs.cfg, inputs.dist.device
+        prior, trainer, batches = stage_trainer(inputs, "prior", lambda: build_prior(cfg), args)
+        # the prior trains on cached embeddings only: the CLIP's job is done
+        train, emb_train, emb_test, test = inputs.train.to(dev), inputs.emb_train.to(dev), inputs.emb_test, inputs.test
+        del inputs
 
         def get_batch(step: int) -> dict:
             idx = batches.indices(step)  # drawn on the device: no host-device sync
