@@ -1,4 +1,5 @@
-"""Tests for data/datasets.py and data/cifar.py: tiny datasets written in tmp_path, CPU only."""
+"""Tests for the data sources: data/datasets.py (the dispatcher), data/captioned.py (the container, flips, batches),
+data/decode.py (decoding and its cache) and data/cifar.py; tiny datasets written in tmp_path, CPU only."""
 
 import json
 import os
