@@ -90,7 +90,7 @@ log "export: the pretrained folder (model card from the report)"
 python3 -m dalle2.export "$run" "$run/pretrained" --half --command "SMOKE=${SMOKE:-0} bash .ci/gpu_recipe.sh (preset $preset, budgets clip $clip_min / prior $prior_min / decoder $dec_min min)" 2>&1 | tail -5
 for s in clip prior decoder; do cp "$run/pretrained/$s/model.safetensors" "$out/$s.safetensors" 2>/dev/null; done
 tar czf "$out/meta.tgz" -C "$run/pretrained" --exclude=model.safetensors . 2>/dev/null
-if [ "${BENCH:-0}" = 1 ]; then  # issue 12's sampling timings on the weights just trained, back to back
+if [ "${BENCH:-0}" = 1 ]; then  # the sampling timings on the weights just trained, back to back
   log "sampling benchmark on the trained weights (.ci/gpu_bench.sh)"
   BENCH_ARGS="--checkpoints $run ${BENCH_ARGS:-}" bash .ci/gpu_bench.sh "$run/bench" 2>&1 | tail -40
   tar czf "$out/bench.tgz" -C "$run" bench 2>/dev/null
