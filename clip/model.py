@@ -7,7 +7,8 @@ and a symmetric cross-entropy over the N x N cosine-similarity matrix of a batch
 matching pairs together. unCLIP (Ramesh et al. 2022) then uses the frozen model: the prior maps the text
 embedding (and the per-token encodings) to an image embedding, the decoder inverts the image embedding.
 
-Both encoders use the shared pre-LN `Transformer` from `dalle2.core.layers`.
+Both encoders use the shared pre-LN `Transformer` from `dalle2.core.layers`; the text tower is its
+`CausalTextEncoder` (shared with the decoder's caption encoder) with EOS pooling on top.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle2.core.checkpoint import Provenance, model_from_checkpoint
-from dalle2.core.layers import Transformer
+from dalle2.core.layers import CausalTextEncoder, Transformer
 
 # exp(logit_scale) is clamped to at most 100 "to prevent scaling the logits by more than 100, which we
 # found necessary to prevent training instability" (CLIP, section 2.5).
@@ -63,40 +64,26 @@ class VisionTransformer(nn.Module):
         return self.proj(x.mean(dim=1))  # (N, E)
 
 
-class TextTransformer(nn.Module):
-    """CLIP's text encoder (section 2.4): token + learned positional embedding, causal (masked
-    self-attention) transformer, final LayerNorm; the sequence feature is taken at the EOS token."""
+class TextTransformer(CausalTextEncoder):
+    """CLIP's text encoder (section 2.4): a `CausalTextEncoder` (token + learned positional
+    embedding, masked self-attention, final LayerNorm) with the sequence feature taken at the EOS token
+    and projected to the embedding space."""
 
     def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
                  embed_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.context_length = context_length
-        self.token_embed = nn.Embedding(vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
-        self.transformer = Transformer(width, layers, heads, dropout=dropout)
-        self.ln_final = nn.LayerNorm(width)
+        super().__init__(vocab_size, context_length, width, layers, heads, dropout)
         self.proj = nn.Linear(width, embed_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens: (N, L) long, [BOS, ..., EOS, PAD=0 ...], L <= context_length.
-        Returns (feature (N, E) unnormalised, enc (N, L, W) after ln_final, mask (N, L) bool)."""
-        if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
-            raise ValueError(f"expected tokens of shape (N, L) with L <= context_length={self.context_length}, "
-                             f"got {tuple(tokens.shape)}")
-        n, length = tokens.shape
+        Returns (feature (N, E) unnormalised, enc (N, L, W) after ln_final, mask (N, L) bool True = real token)."""
+        enc, _ = super().forward(tokens)  # (N, L, W)
+        # The mask handed to the prior and the decoder marks only real tokens (they add position 0 themselves).
         mask = tokens != 0  # (N, L) True = real token
-        x = self.token_embed(tokens) + self.pos_embed[:length]  # (N, L, W)
-        # Causal attention makes every real position depend only on the tokens before it, so a caption's
-        # encodings are the same whatever padding follows; the key-padding mask additionally keeps PAD keys out
-        # of the PAD positions' outputs. Position 0 (BOS) is always attendable so that even an all-PAD row has
-        # a valid key for every query (no NaN from an empty softmax); for real captions this changes nothing.
-        first = torch.arange(length, device=tokens.device) == 0  # (L,)
-        x = self.transformer(x, mask=mask | first, causal=True)  # (N, L, W)
-        enc = self.ln_final(x)  # (N, L, W)
         # Pool at EOS = the last non-PAD token (CLIP section 2.4 uses the [EOS] activations): under causal
         # attention it is the only position that has seen the whole caption.
         eos = (mask.sum(-1) - 1).clamp(min=0)  # (N,)
-        feature = self.proj(enc[torch.arange(n, device=tokens.device), eos])  # (N, E)
+        feature = self.proj(enc[torch.arange(tokens.shape[0], device=tokens.device), eos])  # (N, E)
         return feature, enc, mask
 
 

@@ -148,7 +148,7 @@ def test_padding_invariance(model):
         short = model(x, t, image_emb=emb, tokens=tok[:, :8])  # same caption, fewer trailing pads
         torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
         # PAD positions' features (here: their position embeddings) must be masked out everywhere
-        pos = model.text_encoder.positional_embedding
+        pos = model.text_encoder.pos_embed
         pos[5:] += torch.randn(pos[5:].shape)
         torch.testing.assert_close(model(x, t, image_emb=emb, tokens=tok), full, atol=1e-5, rtol=1e-4)
         pos[:5] += torch.randn(pos[:5].shape)  # real positions do matter

@@ -1,8 +1,9 @@
 """Building blocks shared by every model in the project.
 
 CLIP's two encoders, the diffusion prior and the decoder's text encoder are all stacks of the same
-pre-LayerNorm transformer block; the sinusoidal timestep embedding is shared by the prior and the
-decoder. Keeping them here means one implementation to read and to fix.
+pre-LayerNorm transformer block; CLIP's text tower and the decoder's caption encoder are the same causal
+text encoder; the sinusoidal timestep embedding is shared by the prior and the decoder. Keeping them here
+means one implementation to read and to fix.
 """
 from __future__ import annotations
 
@@ -123,6 +124,40 @@ class Transformer(nn.Module):
             x, kv = block.forward_kv(x, mask)
             caches.append(kv)
         return caches
+
+
+class CausalTextEncoder(nn.Module):
+    """A caption encoder as in CLIP (section 2.4) and GLIDE (section 2.3): token + learned positional
+    embedding, a causal transformer with a padding mask, a final LayerNorm. CLIP's text tower pools it at
+    EOS; the decoder's own caption encoder uses it as is. pos_init_std: positions start at zero (0.0) or
+    N(0, pos_init_std^2)."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
+                 dropout: float = 0.0, pos_init_std: float = 0.0):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.randn(context_length, width) * pos_init_std if pos_init_std
+                                      else torch.zeros(context_length, width))  # (L, W)
+        self.transformer = Transformer(width, layers, heads, dropout=dropout)
+        self.ln_final = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: (N, L) long, [BOS, ..., EOS, PAD=0 ...], L <= context_length.
+        Returns (enc (N, L, W) after ln_final, mask (N, L) bool, True = may be attended: a real token or
+        position 0)."""
+        if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
+            raise ValueError(f"expected tokens of shape (N, L) with L <= context_length={self.context_length}, "
+                             f"got {tuple(tokens.shape)}")
+        length = tokens.shape[1]
+        # Causal attention makes every real position depend only on the tokens before it, so a caption's
+        # encodings are the same whatever padding follows; the key-padding mask additionally keeps PAD keys out
+        # of the PAD positions' outputs. Position 0 (BOS) is always attendable so that even an all-PAD row has
+        # a valid key for every query (no NaN from an empty softmax); for real captions this changes nothing.
+        mask = (tokens != 0) | (torch.arange(length, device=tokens.device) == 0)  # (N, L)
+        x = self.token_embed(tokens) + self.pos_embed[:length]  # (N, L, W)
+        x = self.transformer(x, mask=mask, causal=True)  # (N, L, W)
+        return self.ln_final(x), mask  # (N, L, W), (N, L)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle2.core.checkpoint import Provenance, model_from_checkpoint
-from dalle2.core.layers import Attention, TimestepEmbedding, Transformer
+from dalle2.core.layers import Attention, CausalTextEncoder, TimestepEmbedding
 from dalle2.core.runtime import eval_mode
 from dalle2.diffusion import GaussianDiffusion
 
@@ -139,28 +139,40 @@ class UNetStage(nn.Module):
         return x
 
 
-class TextEncoder(nn.Module):
-    """The decoder's own caption encoder (GLIDE section 2.3): token + learned position embeddings, a
-    causal transformer with a padding mask, a final LayerNorm. Returns every token's feature (the
-    attention context) and the EOS token's feature (added to the timestep embedding)."""
+# The decoder's checkpoints and exports (and the weight hashes computed from them) call the caption encoder's
+# embeddings token_embedding / positional_embedding; the shared `CausalTextEncoder` calls them token_embed /
+# pos_embed. {attribute path: state-dict key}, both relative to the TextEncoder.
+TEXT_ENCODER_KEYS = {"token_embed.weight": "token_embedding.weight", "pos_embed": "positional_embedding"}
+
+
+def _text_encoder_keys_out(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: write TEXT_ENCODER_KEYS' keys, in place and in the same order."""
+    ours = [k for k in state_dict if k.startswith(prefix)]  # this module's keys: the last ones written
+    for k in ours:
+        name = k[len(prefix):]
+        state_dict[prefix + TEXT_ENCODER_KEYS.get(name, name)] = state_dict.pop(k)
+
+
+class TextEncoder(CausalTextEncoder):
+    """The decoder's own caption encoder (GLIDE section 2.3): a `CausalTextEncoder` (token + learned
+    position embeddings, a causal transformer with a padding mask, a final LayerNorm) whose positions start
+    at N(0, 0.01^2). Returns every token's feature (the attention context) and the mask; the UNet adds the
+    EOS token's feature to the timestep embedding.
+
+    Its state dict uses the keys of TEXT_ENCODER_KEYS, mapped both ways (written by a state_dict post-hook,
+    read back by `_load_from_state_dict`), so every loading path (checkpoints, exports, --init-from, resume)
+    reads the decoders saved so far and writes the same keys."""
 
     def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int):
-        super().__init__()
-        self.context_length = context_length
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_final = nn.LayerNorm(width)
+        super().__init__(vocab_size, context_length, width, layers, heads, pos_init_std=0.01)
+        self.register_state_dict_post_hook(_text_encoder_keys_out)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: (N, L) long, PAD = 0, L <= context_length.
-        Returns features (N, L, W) and mask (N, L) bool (True = real token)."""
-        L = tokens.shape[1]
-        # Position 0 (BOS) always counts as real so an all-PAD row cannot give an all-masked attention row (NaN).
-        mask = (tokens != 0) | (torch.arange(L, device=tokens.device) == 0)
-        x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (N, L, W)
-        x = self.ln_final(self.transformer(x, mask=mask, causal=True))
-        return x, mask
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs before the children load from the same dict, so renaming here serves token_embed too.
+        for name, key in TEXT_ENCODER_KEYS.items():
+            if prefix + key in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class UNet(nn.Module):
