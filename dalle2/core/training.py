@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,9 +35,18 @@ from dalle2.core.checkpoint import FORMAT, CheckpointError, atomic_torch_save, l
 from dalle2.core.config import Config, TrainConfig, save_config
 from dalle2.core.errors import Dalle2Error
 from dalle2.core.files import FolderLock, atomic_write_text, clean_orphans
+from dalle2.core.optim import EMA, lr_at, make_optimizer, split_batch, training_flops
 from dalle2.core.plots import training_curves
 from dalle2.core.report import format_table
-from dalle2.core.runtime import DistInfo, _sync, autocast, bf16_peak_tflops, make_grad_scaler, resolve_precision
+from dalle2.core.runtime import (
+    DistInfo,
+    _sync,
+    autocast,
+    bf16_peak_tflops,
+    eval_mode,
+    make_grad_scaler,
+    resolve_precision,
+)
 
 MAX_SANE_WEIGHT = 1e6  # no weight of a working model gets near this; a diverged one passes it before going inf
 
@@ -50,66 +59,6 @@ def init_seed(tc: TrainConfig) -> None:
 
 class TrainingError(Dalle2Error):
     """Training cannot go on (non-finite loss, resume mismatch); the message says why."""
-
-
-def split_batch(batch: dict, parts: int) -> list[tuple[dict, int]]:
-    """A batch dict cut into `parts` micro-batches along dim 0 of its tensors (other values are
-    shared): [(micro_batch, its size), ...]; sizes differ by at most one."""
-    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    if parts == 1 or not tensors:
-        return [(batch, next(iter(tensors.values())).shape[0] if tensors else 1)]
-    chunks = {k: torch.tensor_split(v, parts) for k, v in tensors.items()}
-    out = []
-    for i in range(parts):
-        micro = {**batch, **{k: c[i] for k, c in chunks.items()}}
-        out.append((micro, next(iter(chunks.values()))[i].shape[0]))
-    return [(m, n) for m, n in out if n > 0]
-
-
-# --- optimisation helpers ---------------------------------------------------------------------
-
-def lr_at(step: int, tc: TrainConfig, total_steps: Optional[int] = None) -> float:
-    """Linear warm-up to tc.lr, then cosine decay to tc.lr * tc.min_lr_ratio at total_steps (default
-    tc.steps; a budget-sized run passes the step count it fixed)."""
-    total = tc.steps if total_steps is None else total_steps
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
-    floor = tc.lr * tc.min_lr_ratio
-    return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not on biases, norms, scalars), as in GPT-2 / nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused or None)
-
-
-class EMA:
-    """Exponential moving average of the weights, kept as a frozen deep copy (as in DiT).
-
-    With a step, the decay warms up as min(decay, (1 + step) / (10 + step)): a plain 0.9995
-    average is still ~60% initial weights after 1,000 steps (measured: a shapes32 decoder's EMA
-    sampled pure noise at step 912), so short runs would sample from an untrained mix."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def decay_at(self, step: Optional[int]) -> float:
-        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
-        ema_params = list(self.model.parameters())
-        params = list(model.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
 
 
 class _Objective(nn.Module):
@@ -127,16 +76,6 @@ class _Objective(nn.Module):
 # this process (the first ones compile, benchmark cuDNN and grow the allocator) and keeps a margin for
 # checkpoint writes and timing noise.
 PROBE_SKIP, PROBE_STEPS, BUDGET_MARGIN = 5, 20, 0.96
-
-
-def training_flops(model: nn.Module, batch: dict) -> float:
-    """FLOPs of one training step (forward + backward of model.loss(**batch); matmuls and convolutions,
-    as torch.utils.flop_counter counts them), measured eagerly on this batch; gradients are discarded."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        model.loss(**batch).backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -212,6 +151,26 @@ def guarded(fit):
 
 
 # --- the loop --------------------------------------------------------------------------------
+
+@dataclass
+class _Window:
+    """What run_loop carries from step to step: the loss since the last log line (on the device, so no
+    step syncs), whether any of it was non-finite, and the clocks (the run's start, the last log line, the
+    steady-state speed probe shared by the budget and the speed report)."""
+    bad: torch.Tensor
+    loss_sum: torch.Tensor
+    n: int
+    t_start: float
+    t_last: float
+    speed: dict
+
+    @classmethod
+    def open(cls, device: torch.device, step: int) -> "_Window":
+        now = time.perf_counter()
+        return cls(bad=torch.zeros((), dtype=torch.bool, device=device), loss_sum=torch.zeros((), device=device),
+                   n=0, t_start=now, t_last=now, speed={"start_step": step, "flops": None})
+
+
 
 class Trainer:
     """Trains `model` (which has `.loss(**batch)`) for `train_cfg.steps` steps, writing the run folder."""
@@ -354,7 +313,7 @@ class Trainer:
             for p in (*held, self.metrics_path):
                 p.unlink(missing_ok=True)
 
-    # -- the loop --
+    # -- the loop: fit = start, run_loop (run_step after run_step), finish --
     @guarded
     def fit(self, get_batch: Callable[[int], dict], *, resume: bool = False,
             evaluate: Optional[Callable[[nn.Module, int], dict]] = None,
@@ -365,7 +324,13 @@ class Trainer:
         their intervals and at the end (the final evaluation is printed as a table). `time_limit`
         (minutes): finish early, as if the last step were reached (final checkpoint, evaluation), once
         that much time has passed; the LR schedule is not rescaled (tc.budget_minutes is what sizes it)."""
-        tc, dev = self.tc, self.device
+        if self._start(resume):
+            self.run_loop(get_batch, evaluate, sample, time_limit)
+            self._finish(evaluate, sample)
+        return self.eval_model
+
+    def _start(self, resume: bool) -> bool:
+        """Write the config, resume if asked; False when a resumed run is already finished."""
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yml")
         if resume and self.try_resume():
@@ -375,89 +340,115 @@ class Trainer:
         if self.step >= self.total_steps and self.final_path.exists():
             # Resumed a finished run (same model, image size and CLIP, checked by try_resume): nothing to do.
             self.print(f"[{self.stage}] already trained to step {self.step} >= {self.total_steps}: {self.final_path}")
-            return self.eval_model
+            return False
+        return True
+
+    def run_loop(self, get_batch: Callable[[int], dict], evaluate, sample, time_limit: Optional[float]) -> None:
+        """Steps until self.total_steps or the time limit, with logging, checkpoints and callbacks at
+        their intervals. Ctrl-C (or SIGTERM) saves the resume checkpoint, then propagates."""
         self.model.train()
-        bad = torch.zeros((), dtype=torch.bool, device=dev)  # any non-finite loss since the last check
-        loss_sum = torch.zeros((), device=dev)
-        n_logged, t_last = 0, time.perf_counter()
-        t_start = time.perf_counter()
+        w = _Window.open(self.device, self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True)
-        # one clock for the budget probe and the speed report: started after the first PROBE_SKIP steps
-        speed = {"start_step": self.step, "flops": None}
         try:
             last = False
             while self.step < self.total_steps and not last:
-                step = self.step
-                lr = lr_at(step, tc, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                torch.manual_seed(_step_seed(tc.seed, step, self.dist.rank))
-                batch = get_batch(step)
-                if speed["flops"] is None and self.dist.is_main and dev.type == "cuda":
-                    # counted once, eagerly, before the step proper (on GPUs, where the share of the peak
-                    # means something); the RNG it draws from is put back, so the step (and a resumed run)
-                    # sees exactly the randomness it would have seen
-                    with torch.random.fork_rng(devices=[dev]), autocast(dev, self.precision):
-                        # (under DDP on a copy: a backward through the wrapped module's parameters would
-                        # fire DDP's gradient hooks on this rank alone)
-                        counted = self.model if self.dist.world_size == 1 else copy.deepcopy(self.model)
-                        micro = split_batch(batch, tc.grad_accum)  # one micro-batch: what fits in memory
-                        speed["flops"] = training_flops(counted, micro[0][0]) * len(micro) * self.dist.world_size
-                loss = self._forward_backward(batch)
-                if tc.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16-scaled ones
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-                self.scaler.step(self.optimizer)  # = optimizer.step(), skipped on fp16 overflow
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.model, step)
-                bad |= ~torch.isfinite(loss)
-                loss_sum += loss
-                n_logged += 1
-                self.step = step + 1
+                lr = self.run_step(get_batch, w)
                 bar.update(1)
-                if self.step - speed["start_step"] == PROBE_SKIP:  # steady-state speed from here on
-                    _sync(dev)
-                    speed["t0"], speed["step0"] = time.perf_counter(), self.step
-                if not self.sized:
-                    self._size_to_budget(speed, t_start, bar)
-                out_of_time = time_limit is not None and time.perf_counter() - t_start > 60 * time_limit
-                if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
-                    flag = torch.tensor(float(out_of_time), device=dev)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    out_of_time = bool(flag.item())
-                last = self.step >= self.total_steps or out_of_time
-                if self.step % tc.log_every == 0 or last:
-                    self._check_finite(bad)
-                    if self.dist.world_size > 1:
-                        dist.all_reduce(loss_sum)
-                        loss_sum /= self.dist.world_size
-                    now = time.perf_counter()
-                    ips = n_logged * tc.batch_size / max(now - t_last, 1e-9)
-                    record = {"step": self.step, "loss": loss_sum.item() / n_logged, "lr": lr, "images_per_s": ips}
-                    self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                    loss_sum.zero_()
-                    n_logged, t_last = 0, time.perf_counter()
-                if self.step % tc.save_every == 0 and not last:
-                    self._check_finite(bad)
-                    self.save()
+                self._clock(w, bar)
+                last = self.step >= self.total_steps or self._out_of_time(w, time_limit)
+                if self.step % self.tc.log_every == 0 or last:
+                    self._log_window(w, lr, bar)
                 if not last:
-                    self._maybe(evaluate, tc.eval_every, "eval")
-                    self._maybe(sample, tc.sample_every, "sample")
+                    self._at_intervals(w, evaluate, sample)
         except KeyboardInterrupt:
             bar.close()
-            self._check_finite(bad)
+            self._check_finite(w.bad)
             self.save()
             self.print(f"[{self.stage}] interrupted: saved step {self.step} to {self.resume_path}; "
                        f"continue with --resume")
             raise
         bar.close()
-        self._report_speed(speed)
+        self._report_speed(w.speed)
         if self.step < self.total_steps:
             self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {self.total_steps}")
+
+    def run_step(self, get_batch: Callable[[int], dict], w: "_Window") -> float:
+        """One optimisation step: the step's LR and seed, its batch, loss and gradients, the (clipped)
+        update, EMA. The loss is accumulated on the device (no sync). Returns the LR used."""
+        tc, step = self.tc, self.step
+        lr = lr_at(step, tc, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(_step_seed(tc.seed, step, self.dist.rank))
+        batch = get_batch(step)
+        if w.speed["flops"] is None and self.dist.is_main and self.device.type == "cuda":
+            w.speed["flops"] = self._count_flops(batch)
+        loss = self._forward_backward(batch)
+        if tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)  # = optimizer.step(), skipped on fp16 overflow
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step)
+        w.bad |= ~torch.isfinite(loss)
+        w.loss_sum += loss
+        w.n += 1
+        self.step = step + 1
+        return lr
+
+    def _count_flops(self, batch: dict) -> float:
+        """FLOPs of one training step, counted once, eagerly, before the step proper (on GPUs, where the
+        share of the peak means something). The RNG it draws from is put back, so the step (and a resumed
+        run) sees exactly the randomness it would have seen."""
+        with torch.random.fork_rng(devices=[self.device]), autocast(self.device, self.precision):
+            # (under DDP on a copy: a backward through the wrapped module's parameters would fire DDP's
+            # gradient hooks on this rank alone)
+            counted = self.model if self.dist.world_size == 1 else copy.deepcopy(self.model)
+            micro = split_batch(batch, self.tc.grad_accum)  # one micro-batch: what fits in memory
+            return training_flops(counted, micro[0][0]) * len(micro) * self.dist.world_size
+
+    def _clock(self, w: "_Window", bar) -> None:
+        """Start the steady-state clock after PROBE_SKIP steps; size the run to the budget once measured."""
+        if self.step - w.speed["start_step"] == PROBE_SKIP:  # steady-state speed from here on
+            _sync(self.device)
+            w.speed["t0"], w.speed["step0"] = time.perf_counter(), self.step
+        if not self.sized:
+            self._size_to_budget(w.speed, w.t_start, bar)
+
+    def _out_of_time(self, w: "_Window", time_limit: Optional[float]) -> bool:
+        out_of_time = time_limit is not None and time.perf_counter() - w.t_start > 60 * time_limit
+        if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
+            flag = torch.tensor(float(out_of_time), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        return out_of_time
+
+    def _log_window(self, w: "_Window", lr: float, bar) -> None:
+        """Log the mean loss and the speed since the last log line (one sync), then start a new window."""
+        self._check_finite(w.bad)
+        if self.dist.world_size > 1:
+            dist.all_reduce(w.loss_sum)
+            w.loss_sum /= self.dist.world_size
+        ips = w.n * self.tc.batch_size / max(time.perf_counter() - w.t_last, 1e-9)
+        record = {"step": self.step, "loss": w.loss_sum.item() / w.n, "lr": lr, "images_per_s": ips}
+        self.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+        w.loss_sum.zero_()
+        w.n, w.t_last = 0, time.perf_counter()
+
+    def _at_intervals(self, w: "_Window", evaluate, sample) -> None:
+        """The resume checkpoint, the evaluation and the sample grid, each at its interval."""
+        if self.step % self.tc.save_every == 0:
+            self._check_finite(w.bad)
+            self.save()
+        self._maybe(evaluate, self.tc.eval_every, "eval")
+        self._maybe(sample, self.tc.sample_every, "sample")
+
+    def _finish(self, evaluate, sample) -> None:
+        """The final checkpoint, the loss curve, the final evaluation and sample grid."""
         self.save(final=True)
         self.plot_curves()
         if evaluate is not None:
@@ -465,7 +456,6 @@ class Trainer:
         if sample is not None:
             self._run_callback(sample, "sample")
         self.print(f"[{self.stage}] done: {self.final_path}")
-        return self.eval_model
 
     def _size_to_budget(self, speed: dict, t_start: float, bar) -> None:
         """Fix self.total_steps from the speed of this process's steps PROBE_SKIP .. PROBE_SKIP +
@@ -530,6 +520,7 @@ class Trainer:
                 self.scaler.scale(loss * (n / total)).backward()
             loss_sum += loss.detach().float() * (n / total)
         return loss_sum
+
     def _check_sane_weights(self) -> None:
         """Refuse to save weights that are non-finite or beyond MAX_SANE_WEIGHT (a divergence the
         loss has not shown yet: it was computed before the optimizer step that blew them up)."""
@@ -561,12 +552,8 @@ class Trainer:
 
     def _run_callback(self, callback, what: str, final: bool = False) -> None:
         if self.dist.is_main:
-            model = self.eval_model
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
+            with eval_mode(self.eval_model) as model, torch.no_grad():
                 result = callback(model, self.step)
-            model.train(was_training)
             if what == "eval" and not final:  # the end of fit() draws the final one
                 self.plot_curves()
             if what == "eval" and result:
