@@ -10,8 +10,8 @@ import torch.nn as nn
 from dalle2.core import training
 from dalle2.core.checkpoint import load_checkpoint
 from dalle2.core.config import ConfigError, load_config
-from dalle2.core.runtime import pick_device, resolve_precision
 from dalle2.core.optim import split_batch
+from dalle2.core.runtime import pick_device, resolve_precision
 from dalle2.core.training import Trainer
 
 

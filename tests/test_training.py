@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from dalle2.core.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
 from dalle2.core.config import load_config
-from dalle2.core.tokenizer import Tokenizer
 from dalle2.core.optim import EMA, lr_at
+from dalle2.core.tokenizer import Tokenizer
 from dalle2.core.training import Trainer, TrainingError
 
 
@@ -222,8 +222,8 @@ def test_budget_capped_by_steps_and_resume_keeps_the_sized_schedule(tmp_path, mo
 
 
 def test_training_speed_and_flops_are_reported(tmp_path, capsys):
-    from dalle2.core.runtime import bf16_peak_tflops
     from dalle2.core.optim import training_flops
+    from dalle2.core.runtime import bf16_peak_tflops
     trainer = make_trainer(tmp_path, steps=12)
     trainer.fit(get_batch)
     records = [json.loads(l) for l in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
