@@ -165,11 +165,10 @@ class _Window:
     speed: dict
 
     @classmethod
-    def open(cls, device: torch.device, step: int) -> "_Window":
+    def open(cls, device: torch.device, step: int) -> _Window:
         now = time.perf_counter()
         return cls(bad=torch.zeros((), dtype=torch.bool, device=device), loss_sum=torch.zeros((), device=device),
                    n=0, t_start=now, t_last=now, speed={"start_step": step, "flops": None})
-
 
 
 class Trainer:
@@ -373,7 +372,7 @@ class Trainer:
         if self.step < self.total_steps:
             self.print(f"[{self.stage}] time limit reached: stopping at step {self.step} of {self.total_steps}")
 
-    def run_step(self, get_batch: Callable[[int], dict], w: "_Window") -> float:
+    def run_step(self, get_batch: Callable[[int], dict], w: _Window) -> float:
         """One optimisation step: the step's LR and seed, its batch, loss and gradients, the (clipped)
         update, EMA. The loss is accumulated on the device (no sync). Returns the LR used."""
         tc, step = self.tc, self.step
@@ -410,7 +409,7 @@ class Trainer:
             micro = split_batch(batch, self.tc.grad_accum)  # one micro-batch: what fits in memory
             return training_flops(counted, micro[0][0]) * len(micro) * self.dist.world_size
 
-    def _clock(self, w: "_Window", bar) -> None:
+    def _clock(self, w: _Window, bar) -> None:
         """Start the steady-state clock after PROBE_SKIP steps; size the run to the budget once measured."""
         if self.step - w.speed["start_step"] == PROBE_SKIP:  # steady-state speed from here on
             _sync(self.device)
@@ -418,7 +417,7 @@ class Trainer:
         if not self.sized:
             self._size_to_budget(w.speed, w.t_start, bar)
 
-    def _out_of_time(self, w: "_Window", time_limit: Optional[float]) -> bool:
+    def _out_of_time(self, w: _Window, time_limit: Optional[float]) -> bool:
         out_of_time = time_limit is not None and time.perf_counter() - w.t_start > 60 * time_limit
         if self.dist.world_size > 1 and time_limit is not None:  # all ranks stop at the same step
             flag = torch.tensor(float(out_of_time), device=self.device)
@@ -426,7 +425,7 @@ class Trainer:
             out_of_time = bool(flag.item())
         return out_of_time
 
-    def _log_window(self, w: "_Window", lr: float, bar) -> None:
+    def _log_window(self, w: _Window, lr: float, bar) -> None:
         """Log the mean loss and the speed since the last log line (one sync), then start a new window."""
         self._check_finite(w.bad)
         if self.dist.world_size > 1:
@@ -439,7 +438,7 @@ class Trainer:
         w.loss_sum.zero_()
         w.n, w.t_last = 0, time.perf_counter()
 
-    def _at_intervals(self, w: "_Window", evaluate, sample) -> None:
+    def _at_intervals(self, w: _Window, evaluate, sample) -> None:
         """The resume checkpoint, the evaluation and the sample grid, each at its interval."""
         if self.step % self.tc.save_every == 0:
             self._check_finite(w.bad)
