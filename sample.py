@@ -68,7 +68,8 @@ def sample_records(model, args, captions: list[str]) -> list[dict]:
         "steps": pick(args.steps, "steps"), "prior_steps": pick(args.prior_steps, "prior_steps"),
         "sampler": pick(args.sampler, "sampler"), "eta": s.eta, "candidates": s.candidates, "clip_x0": s.clip_x0,
         "device": str(model.device),
-        "weights": {name: getattr(getattr(model, name), "checkpoint_hash", None) for name in ("clip", "prior", "decoder")},
+        "weights": {name: getattr(getattr(model, name), "checkpoint_hash", None)
+                    for name in ("clip", "prior", "decoder")},
     }
     rows = [c for c in captions for _ in range(args.n)]
     # each image's own seed, as generate gives it: generate(caption, seed=record["seed"]) remakes it alone
@@ -133,7 +134,8 @@ def main(argv=None):
     p.add_argument("--out", default="samples", help="output folder (default: samples/)")
     p.add_argument("--checkpoints", default=None, help="a run folder (clip.pt, prior.pt, decoder.pt) or an exported "
                    "one (dalle2.export) (default: the shipped checkpoints/shapes32/ if present, else runs/)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="decoder guidance (default: the checkpoint's sampling config)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="decoder guidance (default: the checkpoint's sampling config)")
     p.add_argument("--prior-guidance-scale", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="decoder sampling steps")
     p.add_argument("--prior-steps", type=int, default=None)

@@ -128,7 +128,8 @@ def evaluate_clip(model, ds: CaptionedImages, batch_size: int = 512, seed: int =
         out.update({f"heldout_{k}": v for k, v in retrieval(sims, cap, held, held_caps).items()})
         out.update({f"seen_{k}": v for k, v in retrieval(sims, cap, ~held, ~held_caps).items()})
     if ds.class_names is not None and ds.labels is not None:
-        per_class = embed_texts(model, class_captions(ds.class_names)).view(len(ds.class_names), len(CIFAR_TEMPLATES), -1)
+        per_class = embed_texts(model, class_captions(ds.class_names)).view(
+            len(ds.class_names), len(CIFAR_TEMPLATES), -1)
         # template ensemble, as in CLIP's zero-shot recipe: mean of the normalised template embeddings
         cls = torch.nn.functional.normalize(per_class.mean(1), dim=-1).cpu()  # (classes, E)
         out["zero_shot_accuracy"] = ((img @ cls.T).argmax(1) == ds.labels.cpu()).float().mean().item()
@@ -151,7 +152,8 @@ def main(argv=None):
     metrics = Path(args.checkpoint).with_suffix("") / "metrics.jsonl"
     if metrics.parent.is_dir():
         with open(metrics, "a") as f:
-            f.write(json.dumps({"step": model.step, "eval": result, "split": args.split, "source": "clip/evaluate.py"}) + "\n")
+            f.write(json.dumps({"step": model.step, "eval": result, "split": args.split,
+                                "source": "clip/evaluate.py"}) + "\n")
     return result
 
 

@@ -89,7 +89,8 @@ def main(argv=None):
         def evaluate(m, step):
             return evaluate_clip(m, test)
 
-        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit, evaluate=evaluate)
+        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit,
+                    evaluate=evaluate)
     finally:
         cleanup_distributed()
 

@@ -51,7 +51,8 @@ class Embeddings:
     data_key: str
 
     def to(self, device) -> "Embeddings":
-        return Embeddings(*(getattr(self, f).to(device) for f in ("image_emb", "text_emb", "text_enc", "text_mask", "tokens")),
+        return Embeddings(*(getattr(self, f).to(device)
+                            for f in ("image_emb", "text_emb", "text_enc", "text_mask", "tokens")),
                           self.clip_hash, self.data_key)
 
     def text(self, caption_ids: torch.Tensor) -> dict:

@@ -7,7 +7,8 @@
 To put figures measured on the exported (fp16) files themselves into the card, evaluate an export and
 export again with that report (the same run and flags give the same weights):
 
-    python -m dalle2.export runs /tmp/half --half && python -m dalle2.evaluation.evaluate --checkpoints /tmp/half --out /tmp/half-report
+    python -m dalle2.export runs /tmp/half --half &&
+        python -m dalle2.evaluation.evaluate --checkpoints /tmp/half --out /tmp/half-report
     python -m dalle2.export runs checkpoints/shapes32 --half --report /tmp/half-report/report.json
 
 RUN_DIR holds clip.pt, prior.pt and decoder.pt (a run's --out); its report/report.json and

@@ -43,7 +43,8 @@ from dalle2.prior.model import build_prior
 FORMAT_NAME = "open-dalle2"
 FORMAT_VERSION = 1
 STAGES = ("clip", "prior", "decoder")
-INDEX, TOKENIZER, CONFIG, WEIGHTS, CARD = "model_index.json", "tokenizer.json", "config.json", "model.safetensors", "README.md"
+INDEX, TOKENIZER, CONFIG, WEIGHTS, CARD = ("model_index.json", "tokenizer.json", "config.json", "model.safetensors",
+                                           "README.md")
 REPO = Path(__file__).resolve().parent.parent  # found from the package, never from the working directory
 SHIPPED = REPO / "checkpoints" / "shapes32"     # the weights shipped with the repo, when present
 PROVENANCE = ("command", "hardware", "git_commit")  # card facts kept in model_index.json for later exports
@@ -88,7 +89,8 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
     for name in ("prior", "decoder"):
         other = getattr(stages[name], "tokenizer", None)
         if other is not None and other != tokenizer:
-            raise CheckpointError(f"the {name} was saved with another tokenizer than the CLIP's; they do not fit together")
+            raise CheckpointError(f"the {name} was saved with another tokenizer than the CLIP's; "
+                                  "they do not fit together")
     card = {k: v for k, v in (card or {}).items() if v is not None}
     run_dir = Path(card["run_dir"]) if card.get("run_dir") else _source_run_dir(model.decoder)
     card = {**_earlier_provenance(model.decoder, run_dir), **card}  # e.g. what the pipeline's own export recorded
@@ -133,7 +135,8 @@ def _export_tensors(state: dict, dtype, stage: str) -> dict:
         if dtype is not None and t.is_floating_point():
             cast = t.to(dtype)
             if torch.isfinite(t).all() and not torch.isfinite(cast).all():
-                raise CheckpointError(f"{stage} tensor {key}: values beyond the range of {dtype}; export without --half")
+                raise CheckpointError(f"{stage} tensor {key}: values beyond the range of {dtype}; "
+                                      "export without --half")
             t = cast
         out[key] = t.contiguous().clone()
     return out
@@ -198,12 +201,13 @@ def _source_run_dir(decoder) -> Optional[Path]:
 
 def load_pretrained(folder: str | os.PathLike | None = None) -> dict:
     """The stages exported to `folder` (default: the shipped weights, SHIPPED), as {"clip", "prior",
-    "decoder"}; `DALLE2.from_pretrained` assembles them. Nothing is unpickled: JSON and safetensors only. Any missing, unreadable or inconsistent file is
-    one CheckpointError naming it."""
+    "decoder"}; `DALLE2.from_pretrained` assembles them. Nothing is unpickled: JSON and safetensors
+    only. Any missing, unreadable or inconsistent file is one CheckpointError naming it."""
 
     if folder is None:
         if not SHIPPED.is_dir():
-            raise CheckpointError(f"no shipped weights are present ({SHIPPED} does not exist in this copy of the repo): "
+            raise CheckpointError(f"no shipped weights are present "
+                                  f"({SHIPPED} does not exist in this copy of the repo): "
                                   f"train your own with `python -m dalle2.pipeline --out runs` and load them with "
                                   f"DALLE2.from_pretrained('runs'), or pass the folder of an export")
         folder = SHIPPED
@@ -261,7 +265,8 @@ def read_stage(folder: Path, stage: str, entry: dict) -> tuple[dict, dict]:
     digest = hashlib.sha256(blob).hexdigest()
     if digest != entry["sha256"]:
         raise CheckpointError(f"{weights_path}: its sha256 {digest[:16]}... differs from the one {INDEX} records "
-                              f"({str(entry['sha256'])[:16]}...): the file was changed or is corrupted; export it again")
+                              f"({str(entry['sha256'])[:16]}...): the file was changed or is corrupted; "
+                              "export it again")
     try:
         state = _safetensors().load(blob)
     except Exception as e:  # safetensors' own error type differs between versions
@@ -284,7 +289,8 @@ def _load_stage(folder: Path, stage: str, entry: dict, tokenizer):
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:
         raise CheckpointError(f"{weights_path}: its tensors do not match the model {config_path.name} describes"
-                              + (f"; missing: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "") if missing else "")
+                              + (f"; missing: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+                                 if missing else "")
                               + (f"; unexpected: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
                                  if unexpected else ""))
     for key, t in state.items():
@@ -381,7 +387,8 @@ def _limits(report: dict) -> list[str]:
 def _duration(seconds: Optional[float]) -> str:
     if seconds is None:
         return "not recorded"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200
+            else f"{seconds / 3600:.1f} h")
 
 
 def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: str) -> str:
@@ -415,7 +422,8 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
         out.append(f"`{d.dataset}` at `{d.root}`, {d.image_size}px images.")
     out += ["", "## Recipe", "", f"Command: `{card.get('command') or 'not recorded (exported from a run folder)'}`. "
             f"Preset `{cfg.preset}`; every option is in each stage's `config.json`.", "",
-            "| stage | parameters | steps | batch | images seen | lr | EMA | training time |", "|---|---|---|---|---|---|---|---|"]
+            "| stage | parameters | steps | batch | images seen | lr | EMA | training time |",
+            "|---|---|---|---|---|---|---|---|"]
     for s in STAGES:
         tc = getattr(getattr(model, s).config, s).train
         step = index["stages"][s]["step"]
@@ -445,7 +453,8 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
             report = None
         if not card.get("report") and index["dtype"] != "float32":
             out += [f"Measured on the run's float32 weights; these files are {index['dtype']}, so their figures may "
-                    f"differ slightly (`python -m dalle2.evaluation.evaluate --checkpoints {name}` measures them exactly).", ""]
+                    f"differ slightly (`python -m dalle2.evaluation.evaluate --checkpoints {name}` measures them "
+                    "exactly).", ""]
         body = [line for line in body if "Pictures:" not in line]  # the pictures stay in the report folder
         out += [f"From `{report_path}` (`python -m dalle2.evaluation.evaluate`):"] + \
                [("#" + line) if line.startswith("#") else line for line in body]  # one level down

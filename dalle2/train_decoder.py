@@ -39,7 +39,8 @@ def main(argv=None):
             images, caption_ids, flipped = train.sample(idx, batches.generator(step), cfg.data.flip)
             # the embedding of the view the decoder sees: flipped image <-> flipped embedding
             text = ({"tokens": emb_train.tokens[caption_ids]} if own_text else
-                    {"text_enc": emb_train.text_enc[caption_ids].float(), "text_mask": emb_train.text_mask[caption_ids]})
+                    {"text_enc": emb_train.text_enc[caption_ids].float(),
+                     "text_mask": emb_train.text_mask[caption_ids]})
             return {"images": to_float(images), "image_emb": emb_train.image(idx, flipped), **text}
 
         n = min(GRID_IMAGES, len(test))

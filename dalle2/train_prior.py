@@ -35,7 +35,8 @@ def main(argv=None):
                                   candidates=cfg.sampling.candidates,
                                   guidance_scale=cfg.sampling.prior_guidance_scale, seed=0)
 
-        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit, evaluate=evaluate)
+        trainer.fit(get_batch, resume=args.resume, overwrite=args.overwrite, time_limit=args.time_limit,
+                    evaluate=evaluate)
     finally:
         cleanup_distributed()
 

@@ -2,7 +2,8 @@
 
     from dalle2 import DALLE2
     model = DALLE2.from_run("runs").to("cuda")
-    images = model.generate(["a large gold pentagon and a small blue circle"], n_per_text=4, seed=0)  # (4, 3, 32, 32) in [0, 1]
+    images = model.generate(["a large gold pentagon and a small blue circle"], n_per_text=4,
+                            seed=0)  # (4, 3, 32, 32) in [0, 1]
     model.to_pil(images)[0].save("pentagon.png")
 
 `sample.py` is a thin command line over `generate`. The image manipulations of section 3 of the paper
@@ -148,15 +149,16 @@ class DALLE2(nn.Module):
 
     def lean(self, dtype: Optional[torch.dtype] = None) -> "DALLE2":
         """Cast the networks sampling runs, in place: the prior network and the decoder UNet to `dtype`
-        (default bf16 on CUDA, fp16 on GPUs without bf16, float32 elsewhere) and, on CUDA, the UNet to channels_last. Cast weights,
-        not per-op autocast: no weight is re-cast at each step. The diffusion arithmetic stays float32
+        (default bf16 on CUDA, fp16 on GPUs without bf16, float32 elsewhere) and, on CUDA, the UNet to channels_last.
+        Cast weights, not per-op autocast: no weight is re-cast at each step. The diffusion arithmetic stays float32
         (step_model hands the networks their inputs in their dtype) and CLIP stays float32 (its text
         encoder runs once per batch). `generate` does this by itself on the first call on a device;
         call it yourself to choose, e.g. `lean(torch.float32)` keeps fp32 on CUDA. Casting to bf16 rounds
         the weights: save or train from a freshly loaded model."""
         dev = self.device
         if dtype is None:  # bf16 where the GPU has it, fp16 where not (as autocast chooses), fp32 off CUDA
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_precision(dev, "bf16")]
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                     "fp32": torch.float32}[resolve_precision(dev, "bf16")]
         self.prior.net.to(dtype)
         fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
         self.decoder.unet.to(dtype=dtype, memory_format=fmt)
@@ -216,7 +218,8 @@ class DALLE2(nn.Module):
                 embs.append(image_emb.float().cpu())
         out = torch.cat(images)
         if not torch.isfinite(out).all():  # NaN pixels would be saved as black images without a word
-            raise FloatingPointError("sampling produced NaN/inf pixels: check guidance_scale, steps and the checkpoints")
+            raise FloatingPointError("sampling produced NaN/inf pixels: "
+                                     "check guidance_scale, steps and the checkpoints")
         return (out, torch.cat(embs)) if return_embeddings else out
 
     def _generate_batch(self, texts, generators, opts: dict, callback=None):
@@ -255,7 +258,8 @@ class DALLE2(nn.Module):
         """The seed README's call style: `image = dalle2((3, 32, 32), text="...", cf_guidance_scale=2)`.
         Returns one image (1, 3, H, W) in [0, 1]."""
         if tuple(shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"this decoder makes {self.image_size}x{self.image_size} images, shape {tuple(shape)} asked")
+            raise ValueError(f"this decoder makes {self.image_size}x{self.image_size} images, "
+                             f"shape {tuple(shape)} asked")
         return self.generate([text], guidance_scale=cf_guidance_scale, **kwargs)
 
     @staticmethod
@@ -305,7 +309,8 @@ class DALLE2(nn.Module):
         theta = torch.linspace(0, 1, steps, device=self.device)[None, :, None]  # (1, steps, 1)
         z = slerp(za[:, None], zb[:, None], theta).reshape(n * steps, -1)  # (N * steps, E)
         s = self.image_size
-        noise = torch.cat([torch.randn((1, 3, s, s), generator=torch.Generator(device=self.device).manual_seed(seed + i),
+        noise = torch.cat([torch.randn((1, 3, s, s),
+                                       generator=torch.Generator(device=self.device).manual_seed(seed + i),
                                        device=self.device).expand(steps, -1, -1, -1) for i in range(n)])
         return self._decode(z, None, sampler="ddim", eta=0.0, noise=noise.contiguous(), **kwargs)
 

@@ -24,7 +24,8 @@ def test_rows_per_setting_and_stage(tmp_path):
     rows = main([*TINY, "--settings", "ddim:3:2,dpmpp2m:2", "--batch-sizes", "2", "--repeats", "1",
                  "--cost", "0", "--data", "0", "--jsonl", str(jsonl)])
     assert [(r["setting"], r["case"]) for r in rows] == [
-        ("ddim 3/2", "single image"), ("ddim 3/2", "batch 2"), ("dpmpp2m 2/2", "single image"), ("dpmpp2m 2/2", "batch 2")]
+        ("ddim 3/2", "single image"), ("ddim 3/2", "batch 2"),
+        ("dpmpp2m 2/2", "single image"), ("dpmpp2m 2/2", "batch 2")]
     for r in rows:
         assert r["prior"] > 0 and r["decoder"] > 0 and r["other"] >= 0
         assert r["prior"] + r["decoder"] <= r["seconds"] + 1e-9

@@ -37,12 +37,14 @@ def write_shapes_split(split_dir, captions):
         for i, cap in enumerate(captions):
             name = f"{i:06d}.png"
             noise_image(i).save(split_dir / name)
-            f.write(json.dumps({"file": name, "caption": cap, "objects": [{"colour": "red", "shape": "circle"}]}) + "\n")
+            f.write(json.dumps({"file": name, "caption": cap,
+                                "objects": [{"colour": "red", "shape": "circle"}]}) + "\n")
 
 
 def expected_pixels(path, size):
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS)).copy()).permute(2, 0, 1)
+        return torch.from_numpy(
+            np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS)).copy()).permute(2, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------

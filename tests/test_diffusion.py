@@ -45,7 +45,8 @@ def ideal_model(diffusion, x0_true):
 
 
 def gaussian_optimal_model(diffusion, sigma):
-    """The exact denoiser for data x0 ~ N(0, sigma^2 I): E[x0 | x_t] = sqrt(abar) sigma^2 / (abar sigma^2 + 1 - abar) x_t.
+    """The exact denoiser for data x0 ~ N(0, sigma^2 I):
+    E[x0 | x_t] = sqrt(abar) sigma^2 / (abar sigma^2 + 1 - abar) x_t.
     Smooth and linear in x_t, but not ideal for any particular x0."""
     abar_all = diffusion.alphas_cumprod
 
@@ -372,7 +373,8 @@ def test_static_clipping_keeps_x0_in_range():
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     unclipped = d.sample(wild, (4, 2, 3, 3), steps=10, generator=g())
     assert unclipped.abs().max() > 1.5
-    assert torch.equal(d.sample(wild, (4, 2, 3, 3), steps=10, generator=g(), clip_x0="none"), unclipped)  # config spelling
+    assert torch.equal(d.sample(wild, (4, 2, 3, 3), steps=10, generator=g(), clip_x0="none"),
+                       unclipped)  # config spelling
     for sampler in ("ddim", "ddpm"):
         out, preds = d.sample(wild, (4, 2, 3, 3), steps=10, sampler=sampler, generator=g(), clip_x0="static",
                               return_x0=True)

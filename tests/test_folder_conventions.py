@@ -12,7 +12,8 @@ from data.datasets import load_dataset
 
 
 def cfg(root, **kw):
-    return SimpleNamespace(dataset="folder", root=str(root), image_size=16, seed=0, captions_file="captions.jsonl", **kw)
+    return SimpleNamespace(dataset="folder", root=str(root), image_size=16, seed=0, captions_file="captions.jsonl",
+                           **kw)
 
 
 def image(path, value):
@@ -45,7 +46,8 @@ def test_hugging_face_metadata_in_the_root_with_caption_lists(tmp_path):
     lines = []
     for v in range(0, 200, 10):  # 20 images: a seeded 5% (one) becomes the test split
         image(tmp_path / f"{v}.png", v)
-        lines.append(json.dumps({"file_name": f"{v}.png", "text": [f"level {v}", f"grey {v}"] if v == 0 else f"level {v}"}))
+        lines.append(json.dumps({"file_name": f"{v}.png",
+                                 "text": [f"level {v}", f"grey {v}"] if v == 0 else f"level {v}"}))
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     train, test = (load_dataset(cfg(tmp_path), s, progress=False) for s in ("train", "test"))
     both = {**captions_by_pixel(train), **captions_by_pixel(test)}

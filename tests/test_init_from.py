@@ -35,7 +35,8 @@ def test_decoder_from_an_exported_half_precision_folder_and_mismatch_refused(tin
     DALLE2.from_run(run).save_pretrained(tmp_path / "export", dtype=torch.float16)
     out = tmp_path / "more"
     train_decoder([*argv, "--out", str(out), "--clip", str(run / "clip.pt"), "--init-from", str(tmp_path / "export"),
-                   "--set", "decoder.train.lr=0", "--set", "decoder.train.steps=1", "--set", "decoder.train.ema_decay=0"])
+                   "--set", "decoder.train.lr=0", "--set", "decoder.train.steps=1",
+                   "--set", "decoder.train.ema_decay=0"])
     new = _weights(out / "decoder.pt")
     assert all(torch.equal(new[k], ckpt["model"][k].half().float()) for k in new)
     with pytest.raises(CheckpointError, match=r"other decoder.model settings \(clip_tokens: 4 vs 2\)"):

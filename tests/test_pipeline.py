@@ -39,7 +39,8 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
     assert f"python sample.py {shlex.quote(test.caption_of(0))} --checkpoints" in capsys.readouterr().out
     card = (out / "pretrained" / "README.md").read_text()  # the run exported itself, its card from the report
     assert "| test | all | 8 |" in card and "--eval-n 8" in card and "trained on: CPU" in card
-    assert torch.equal(DALLE2.from_pretrained(out / "pretrained").clip.logit_scale, DALLE2.from_run(out).clip.logit_scale)
+    assert torch.equal(DALLE2.from_pretrained(out / "pretrained").clip.logit_scale,
+                       DALLE2.from_run(out).clip.logit_scale)
 
     pipeline(argv + ["--skip-eval"])  # everything trained: every stage is skipped
     text = capsys.readouterr().out

@@ -81,8 +81,10 @@ def test_grad_accum_gives_the_full_batch_update(tmp_path, accum):
     for a, b in zip(full.parameters(), micro.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(full.net[0].weight, Linear().net[0].weight)  # it did train
-    la = [r["loss"] for r in map(json.loads, (tmp_path / "full" / "prior" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    lb = [r["loss"] for r in map(json.loads, (tmp_path / "micro" / "prior" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    la = [r["loss"] for r in map(json.loads, (tmp_path / "full" / "prior" / "metrics.jsonl").read_text().splitlines())
+          if "loss" in r]
+    lb = [r["loss"] for r in map(json.loads, (tmp_path / "micro" / "prior" / "metrics.jsonl").read_text().splitlines())
+          if "loss" in r]
     assert la == pytest.approx(lb, rel=1e-5)
 
 

@@ -113,19 +113,23 @@ def test_damaged_exports_give_one_clear_error_naming_the_file(exported, tmp_path
         state.pop(sorted(state)[0])
         return state
     cases = [
-        (lambda f: (f / "model_index.json").write_text('{"format": "open-dalle2", "format_ver'), r"model_index.json: not readable JSON"),
+        (lambda f: (f / "model_index.json").write_text('{"format": "open-dalle2", "format_ver'),
+         r"model_index.json: not readable JSON"),
         (lambda f: edit_index(f, lambda i: i.update(format_version=99)),
          r"model_index.json: format version 99, this code reads version 1 \(written by a newer version"),
-        (lambda f: (f / "model_index.json").write_text(json.dumps({"format": "something else"})), r"model_index.json: not an Open DALL-E 2"),
+        (lambda f: (f / "model_index.json").write_text(json.dumps({"format": "something else"})),
+         r"model_index.json: not an Open DALL-E 2"),
         (lambda f: edit_index(f, lambda i: i["stages"]["prior"].update(step="six")),
          r"model_index.json: the entry of stage 'prior' lacks a valid step"),
         (lambda f: edit_index(f, lambda i: i["stages"].pop("decoder")), r"the entry of stage 'decoder' lacks a valid"),
         (lambda f: (f / "tokenizer.json").unlink(), r"tokenizer.json: missing"),
         (lambda f: (f / "decoder" / "config.json").write_text("{]"), r"decoder/config.json: not readable JSON"),
-        (lambda f: (f / "prior" / "config.json").write_text('{"prior": {"model": {"wdith": 3}}}'), r"prior/config.json: not a config"),
+        (lambda f: (f / "prior" / "config.json").write_text('{"prior": {"model": {"wdith": 3}}}'),
+         r"prior/config.json: not a config"),
         (lambda f: (f / "clip" / "model.safetensors").unlink(), r"clip/model.safetensors: missing"),
         (lambda f: (f / "clip" / "model.safetensors").write_bytes(b"\0" * 64), r"clip/model.safetensors: its sha256"),
-        (lambda f: rewrite_weights(f, "decoder", drop_one), r"decoder/model.safetensors: its tensors do not match .*; missing: "),
+        (lambda f: rewrite_weights(f, "decoder", drop_one),
+         r"decoder/model.safetensors: its tensors do not match .*; missing: "),
         (lambda f: rewrite_weights(f, "prior", lambda s: {**s, "stowaway": torch.zeros(2)}),
          r"prior/model.safetensors: its tensors do not match .*; unexpected: stowaway"),
         (lambda f: rewrite_weights(f, "clip", lambda s: {k: v[:1] if v.dim() else v for k, v in s.items()}),
@@ -175,7 +179,8 @@ def test_model_card_is_written_from_the_run_and_its_report(tiny_run, tmp_path):
     faith = {"n": 10, "colour": 0.9, "shape": 0.4, "size": 0.8, "position": 0.7, "binding": 0.3, "count": 0.6,
              "exact": 0.25}
     report = {"checkpoints": str(run), "sampling": {"steps": 4}, "device": "cpu",
-              "sets": {"test": {"faithfulness": {"all": faith, "seen": faith, "heldout": {**faith, "n": 4, "exact": 0.0}}}},
+              "sets": {"test": {"faithfulness": {"all": faith, "seen": faith,
+                                                 "heldout": {**faith, "n": 4, "exact": 0.0}}}},
               "distance": {"clip_fd": 12.5}, "reference": {"train_vs_test": {"clip_fd": 1.5}}, "seconds": 3.0}
     (run / "report").mkdir()
     (run / "report" / "report.json").write_text(json.dumps(report))
@@ -193,7 +198,8 @@ def test_model_card_is_written_from_the_run_and_its_report(tiny_run, tmp_path):
     assert len(rows) == 3 and all(re.search(r"\| \d+ s \|$", r) for r in rows), rows
     seconds = pretrained.training_seconds(run / "clip" / "metrics.jsonl", 16)
     lines = [json.loads(l) for l in (run / "clip" / "metrics.jsonl").read_text().splitlines()]
-    assert seconds == pytest.approx(sum(16 / l["images_per_s"] for l in lines if "images_per_s" in l))  # 1 step per line
+    # 1 step per line
+    assert seconds == pytest.approx(sum(16 / l["images_per_s"] for l in lines if "images_per_s" in l))
 
 
 def test_export_command_end_to_end(tiny_run, tmp_path):
@@ -277,7 +283,8 @@ def test_every_pt_reader_uses_weights_only():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
                 sites[str(path.relative_to(REPO))] = line
-    assert set(sites) == {"dalle2/core/checkpoint.py", "dalle2/embeddings.py", "dalle2/evaluation/metrics.py", "dalle2/evaluation/reader.py"}
+    assert set(sites) == {"dalle2/core/checkpoint.py", "dalle2/embeddings.py", "dalle2/evaluation/metrics.py",
+                          "dalle2/evaluation/reader.py"}
 
 
 def test_a_planted_malicious_pt_is_refused_wherever_a_pt_is_read(tiny_run, tmp_path):

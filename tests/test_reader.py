@@ -1,4 +1,5 @@
-"""Tests for the attribute reader (dalle2/evaluation/reader.py) and caption faithfulness (dalle2/evaluation/faithfulness.py)."""
+"""Tests for the attribute reader (dalle2/evaluation/reader.py) and caption faithfulness
+(dalle2/evaluation/faithfulness.py)."""
 
 import random
 

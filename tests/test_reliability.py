@@ -39,7 +39,8 @@ def user_folder(root: Path) -> dict:
 
 def test_shapes_loader_refuses_a_folder_it_did_not_make(tmp_path):
     files = user_folder(tmp_path / "mine")
-    with pytest.raises(DatasetError, match=r"mine already holds files the shapes generator did not write.*data.dataset=folder"):
+    with pytest.raises(DatasetError,
+                       match=r"mine already holds files the shapes generator did not write.*data.dataset=folder"):
         load_dataset(data_cfg(tmp_path / "mine"), "train", progress=False)
     assert {p: p.read_bytes() for p in files} == files  # untouched
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["captions.csv", "test", "train"]
@@ -57,7 +58,8 @@ def test_shapes_loader_regenerates_only_its_own_folder(tmp_path):
 
 def test_shapes_cli_refuses_a_nonempty_foreign_out(tmp_path):
     files = user_folder(tmp_path / "mine")
-    r = faults.run_py(["data/shapes.py", "--out", tmp_path / "mine", "--n-train", "3", "--n-test", "2", "--no-progress"])
+    r = faults.run_py(["data/shapes.py", "--out", tmp_path / "mine", "--n-train", "3", "--n-test", "2",
+                       "--no-progress"])
     lines = faults.error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1 and "did not write" in lines[0], r.stderr
     assert {p: p.read_bytes() for p in files} == files
@@ -90,7 +92,8 @@ def test_training_cli_refuses_a_rerun_in_one_line(tiny_run, capsys):
 
 # --- 5. locks on run folders and on dataset generation ----------------------------------------
 
-HOLD_LOCK = "import sys, time; from dalle2.core.files import FolderLock; FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD_LOCK = ("import sys, time; from dalle2.core.files import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+             "print('held', flush=True); time.sleep(60)")
 
 
 def test_second_training_into_one_folder_is_refused_and_stale_locks_are_taken_over(tmp_path):
@@ -123,7 +126,8 @@ def test_generating_one_shapes_root_twice_at_once_is_refused(tmp_path):
     holder = faults.start_py(["-c", HOLD_LOCK, root])
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(DatasetError, match=rf"{root} is in use: shapes generation is locked by process {holder.pid}"):
+        with pytest.raises(DatasetError,
+                           match=rf"{root} is in use: shapes generation is locked by process {holder.pid}"):
             load_dataset(data_cfg(root), "train", progress=False)
     finally:
         holder.kill()
@@ -494,7 +498,8 @@ def test_a_final_model_as_resume_checkpoint_and_other_vocabulary_are_refused(tmp
     with pytest.raises(TrainingError, match="not a resume checkpoint.*final model"):
         make_trainer(tmp_path, steps=4).fit(get_batch, resume=True)
     make_trainer(tmp_path, steps=2).fit(get_batch, overwrite=True)
-    cfg = load_config(preset="tiny", overrides=["clip.train.steps=4", "clip.train.batch_size=8", "clip.train.ema_decay=0.9"])
+    cfg = load_config(preset="tiny",
+                      overrides=["clip.train.steps=4", "clip.train.batch_size=8", "clip.train.ema_decay=0.9"])
     other = Trainer("clip", cfg, cfg.clip.train, Toy(), tmp_path, tokenizer=Tokenizer.build(["a blue square"]))
     with pytest.raises(TrainingError, match="vocabulary"):
         other.fit(get_batch, resume=True)
@@ -517,7 +522,8 @@ def test_diverged_weights_never_replace_the_last_good_checkpoint(tmp_path):
             with torch.no_grad():
                 trainer.model.net[0].weight.mul_(1e32)
     trainer.optimizer.step = exploding_step
-    with pytest.raises(TrainingError, match=r"weights diverged before step 4 \(max \|net.0.weight\| = .*e\+3\d\): not saved; the last good checkpoint .* step 2\) is kept"):
+    with pytest.raises(TrainingError, match=r"weights diverged before step 4 \(max \|net.0.weight\| = .*e\+3\d\): "
+                                            r"not saved; the last good checkpoint .* step 2\) is kept"):
         trainer.fit(get_batch)
     ckpt = load_checkpoint(tmp_path / "clip" / "checkpoint.pt")
     assert ckpt["step"] == 2 and max(v.abs().max().item() for v in ckpt["raw_model"].values()) < 1e3

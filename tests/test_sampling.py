@@ -78,12 +78,13 @@ def test_sample_py_writes_the_specified_files(tiny_run, tmp_path):
     assert names == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png", "0002_0.png", "0002_1.png", "grid.png",
                      "samples.jsonl"]
     first = (out / "0001_0.png").read_bytes()
-    r = subprocess.run(cmd[:-8] + ["--out", str(tmp_path / "again"), "--seed", "3", "--steps", "4", "--prior-steps", "4"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd[:-8] + ["--out", str(tmp_path / "again"), "--seed", "3", "--steps", "4",
+                                   "--prior-steps", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert (tmp_path / "again" / "0001_0.png").read_bytes() == first  # same seed, same image
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "sample.py", "a red circle", "--checkpoints", str(tiny_run[0]), "--out", str(single),
-                    "--steps", "2", "--prior-steps", "2"], cwd=REPO, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "sample.py", "a red circle", "--checkpoints", str(tiny_run[0]),
+                    "--out", str(single), "--steps", "2", "--prior-steps", "2"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in single.iterdir()) == ["0000.png", "grid.png", "samples.jsonl"]
 
 
@@ -129,7 +130,8 @@ def test_sample_py_errors_are_one_line(tiny_run, tmp_path):
     blocker.write_text("not a folder")
     cases = [(["--prompts", str(empty), "--checkpoints", str(tiny_run[0])], "no captions"),
              (["a red circle", "--checkpoints", str(tmp_path / "nowhere")], "missing clip.pt, prior.pt, decoder.pt"),
-             (["a red circle", "--checkpoints", str(tiny_run[0]), "--out", str(blocker / "sub")], "cannot create the output folder")]
+             (["a red circle", "--checkpoints", str(tiny_run[0]), "--out", str(blocker / "sub")],
+              "cannot create the output folder")]
     for args, words in cases:
         r = subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
         lines = [l for l in r.stderr.splitlines() if l.strip()]

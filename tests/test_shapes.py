@@ -153,7 +153,8 @@ def test_objects_variant(objects_train):
     counts = collections.Counter(len(s["objects"]) for s in objects_train)
     assert set(counts) == {1, 2}
     assert 0.45 < counts[1] / len(objects_train) < 0.55  # uniform, also with the hold-out rejected
-    dets, sizes, colours, kinds = collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
+    dets, sizes, colours, kinds = (collections.Counter(), collections.Counter(), collections.Counter(),
+                                   collections.Counter())
     for scene in objects_train:
         assert list(scene) == ["caption", "objects"]
         check_scene_geometry(scene)

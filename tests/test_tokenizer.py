@@ -6,7 +6,8 @@ import torch
 
 from dalle2.core.tokenizer import Tokenizer
 
-CAPTIONS = ["a large gold pentagon and the small navy square", "an orange circle", "a small teal triangle at the bottom right"]
+CAPTIONS = ["a large gold pentagon and the small navy square", "an orange circle",
+            "a small teal triangle at the bottom right"]
 
 
 def test_round_trip_and_layout():

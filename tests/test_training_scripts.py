@@ -136,7 +136,8 @@ def test_clip_on_a_fake_cifar10_folder_reports_zero_shot_accuracy(tmp_path):
     sets = ["data.dataset=cifar10", f"data.root={tmp_path / 'cifar'}", "clip.train.steps=3",
             "clip.train.batch_size=8", "clip.train.warmup_steps=1", "clip.model.embed_dim=32",
             "clip.model.vision_width=32", "clip.model.text_width=32"]
-    train_clip(["--preset", "tiny", "--quiet", "--out", str(tmp_path / "run"), *[x for s in sets for x in ("--set", s)]])
+    train_clip(["--preset", "tiny", "--quiet", "--out", str(tmp_path / "run"),
+                *[x for s in sets for x in ("--set", s)]])
     result = eval_clip(["--checkpoint", str(tmp_path / "run" / "clip.pt"), "--set", "data.dataset=cifar10",
                         "--set", f"data.root={tmp_path / 'cifar'}"])  # the data's location is the user's to give
     assert 0.0 <= result["zero_shot_accuracy"] <= 1.0 and result["n_images"] == 12

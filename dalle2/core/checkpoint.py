@@ -49,7 +49,8 @@ def load_checkpoint(path: str | os.PathLike, stage: Optional[str] = None, map_lo
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or another format: {reason[:120]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint "
+                              f"(truncated or another format: {reason[:120]})") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an Open DALL-E 2 checkpoint (no 'stage'/'model' entries)")
     if ckpt.get("format", 0) > FORMAT:

@@ -66,8 +66,8 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
                    "the step count is fixed from the measured speed, the LR schedule completes")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help=f"start from the {stage} weights of a run folder or exported folder (fresh optimizer and "
-                   "schedule; ignored when --resume finds a checkpoint, but a CLIP run started with it takes its vocabulary "
-                   "from it: give it again to resume that run)")
+                   "schedule; ignored when --resume finds a checkpoint, but a CLIP run started with it takes its "
+                   "vocabulary from it: give it again to resume that run)")
     p.set_defaults(stage=stage)
     if stage != "clip":
         p.add_argument("--clip", default=None, help="CLIP checkpoint (default: OUT/clip.pt)")
@@ -91,7 +91,8 @@ def read_prompts(path: str) -> list[str]:
     try:
         lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {p}: cannot read the prompt file ({getattr(e, 'strerror', None) or type(e).__name__})")
+        raise SystemExit(f"error: {p}: cannot read the prompt file "
+                         f"({getattr(e, 'strerror', None) or type(e).__name__})")
     prompts = [line for line in lines if line]
     if not prompts:
         raise SystemExit(f"error: {p}: the prompt file has no captions (one caption per line)")

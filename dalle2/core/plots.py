@@ -130,8 +130,8 @@ def line_plot(panels: list[dict], path: str | os.PathLike, size=(460, 300)) -> P
     font = ImageFont.load_default()
     for p_i, panel in enumerate(panels):
         series = [[(x, y) for x, y in s["points"] if _finite(x, y)] for s in panel["series"]]
-        ax = _Axes(draw, font, p_i * w, size, panel, [x for s in series for x, _ in s], [y for s in series for _, y in s],
-                   pad_data=False)
+        ax = _Axes(draw, font, p_i * w, size, panel, [x for s in series for x, _ in s],
+                   [y for s in series for _, y in s], pad_data=False)
         for k, (spec, pts) in enumerate(zip(panel["series"], series)):
             colour = COLOURS[k % len(COLOURS)]
             xy = [(ax.sx(x), ax.sy(y)) for x, y in pts]

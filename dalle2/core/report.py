@@ -57,7 +57,8 @@ def faithfulness_table(sets: dict) -> list[str]:
 
 def caption_match_table(report: dict) -> list[str]:
     """Markdown lines: CLIP score / R-precision per prompt set and for the real test images."""
-    rows = [(name, e["caption_match"], e.get("n_images")) for name, e in report["sets"].items() if e.get("caption_match")]
+    rows = [(name, e["caption_match"], e.get("n_images")) for name, e in report["sets"].items()
+            if e.get("caption_match")]
     real = (report.get("reference") or {}).get("caption_match")
     if real:
         rows.append(("real test images (reference)", real, None))
@@ -66,10 +67,11 @@ def caption_match_table(report: dict) -> list[str]:
     out = ["## Caption match (the run's own CLIP)", "",
            "CLIP score: mean 100 * max(cosine, 0) of image and caption. R-precision: share of images whose caption "
            "beats random other captions (chance 1 / (1 + distractors)). Top-1: their caption is the closest of all.",
-           "", "| prompts | n | CLIP score | R-precision | distractors | top-1 of all captions |", "|---|---|---|---|---|---|"]
+           "", "| prompts | n | CLIP score | R-precision | distractors | top-1 of all captions |",
+           "|---|---|---|---|---|---|"]
     for name, m, n in rows:
-        out.append(f"| {name} | {_fmt(n)} | {_fmt(m['clip_score'])} | {_fmt(m['r_precision'])} | {m['n_distractors']} | "
-                   f"{_fmt(m['retrieval_top1'])} (of {m['n_captions']}) |")
+        out.append(f"| {name} | {_fmt(n)} | {_fmt(m['clip_score'])} | {_fmt(m['r_precision'])} | "
+                   f"{m['n_distractors']} | {_fmt(m['retrieval_top1'])} (of {m['n_captions']}) |")
     return out + [""]
 
 
@@ -83,7 +85,8 @@ def markdown(report: dict) -> str:
                 "| objects | n | detected | colour | shape | size | position |", "|---|---|---|---|---|---|---|"]
         for g in ("all", "small", "medium", "large"):
             r = acc[g]
-            out.append(f"| {g} | {r['n']} | " + " | ".join(_fmt(r[k]) for k in ("detected", "colour", "shape", "size", "position")) + " |")
+            out.append(f"| {g} | {r['n']} | "
+                       + " | ".join(_fmt(r[k]) for k in ("detected", "colour", "shape", "size", "position")) + " |")
         out += ["", f"Object count right on {acc['count']:.3f} of {acc['n_images']} rendered images.", ""]
     if any(e.get("faithfulness") for e in report["sets"].values()):
         out += ["## Faithfulness of generated images", "",
@@ -97,10 +100,12 @@ def markdown(report: dict) -> str:
     out += ["## Diversity, memorisation, distance", "", "| figure | generated | real data reference |", "|---|---|---|"]
     out.append(f"| CLIP pairwise distance of samples of one caption | {_fmt(div.get('clip_pairwise_distance'))} | - |")
     if "object_geometry_spread_px" in div:
-        out.append(f"| spread of object centre/size of one caption (px, 128 canvas) | {_fmt(div['object_geometry_spread_px'])} | - |")
+        out.append(f"| spread of object centre/size of one caption (px, 128 canvas) | "
+                   f"{_fmt(div['object_geometry_spread_px'])} | - |")
     ref_dist = ref.get("train_vs_test", {})
     for key, label in (("clip_fd", "Frechet distance, CLIP features"), ("clip_kid", "kernel distance, CLIP features"),
-                       ("inception_fid", "FID (torchvision Inception)"), ("inception_kid", "KID (torchvision Inception)")):
+                       ("inception_fid", "FID (torchvision Inception)"),
+                       ("inception_kid", "KID (torchvision Inception)")):
         if key in dist:
             out.append(f"| {label} (vs real test) | {_fmt(dist[key])} | {_fmt(ref_dist.get(key))} (train vs test) |")
     if mem:
@@ -109,7 +114,8 @@ def markdown(report: dict) -> str:
         out.append(f"| mean cosine to the nearest training image | {_fmt(mem['nn_cosine_mean'])} | "
                    f"{_fmt(ref.get('real_test_nn_cosine_mean'))} |")
     if "inception_fid" not in dist:
-        out += ["", "Standard FID/KID: skipped (no torchvision Inception-v3 weights on this machine; pass --inception PATH)."]
+        out += ["", "Standard FID/KID: skipped (no torchvision Inception-v3 weights on this machine; "
+                    "pass --inception PATH)."]
     out += ["", f"Time: {report.get('seconds', 0):.0f} s. Pictures: `best_worst.png`."]
     return "\n".join(out) + "\n"
 
@@ -133,7 +139,8 @@ def best_worst(entry: dict, reader, k: int = 8) -> Image.Image | None:
     picks = order[:k] + order[-k:]
     u8 = (images[picks].clamp(0, 1) * 255).round().to(torch.uint8)
     seen = reader.read(u8) if reader is not None else [[] for _ in picks]
-    labels = [f"[{'ok' if rows[i]['exact'] else 'wrong'}] {captions[i]} | saw: {_describe(s)}" for i, s in zip(picks, seen)]
+    labels = [f"[{'ok' if rows[i]['exact'] else 'wrong'}] {captions[i]} | saw: {_describe(s)}"
+              for i, s in zip(picks, seen)]
     return captioned_grid([to_pil(x) for x in images[picks]], labels, cols=k, scale=4)
 
 

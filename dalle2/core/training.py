@@ -273,11 +273,13 @@ class Trainer:
         missing = [k for k in ("raw_model", "optimizer", "rng", "config") if k not in ckpt]
         if missing:
             raise TrainingError(f"{self.resume_path}: not a resume checkpoint (no {', '.join(missing)}): a final model "
-                                f"file such as {self.final_path.name} cannot be resumed; use --overwrite to train again")
+                                f"file such as {self.final_path.name} cannot be resumed; "
+                                "use --overwrite to train again")
         mine = self.tokenizer.state_dict() if self.tokenizer is not None else None
         if ckpt.get("tokenizer") is not None and mine is not None and ckpt["tokenizer"] != mine:
             raise TrainingError(f"{self.resume_path}: the checkpoint's vocabulary (tokenizer) differs from this run's: "
-                                f"the training captions changed; resume on the same data, or use --overwrite or another --out")
+                                "the training captions changed; resume on the same data, "
+                                "or use --overwrite or another --out")
 
     # -- logging --
     def log(self, record: dict) -> None:
@@ -478,7 +480,8 @@ class Trainer:
         bar.total = total
         bar.refresh()
         ips = self.tc.batch_size / per_step
-        note = "" if total >= 2 * self.tc.warmup_steps else f" (less than twice the {self.tc.warmup_steps} warm-up steps)"
+        note = ("" if total >= 2 * self.tc.warmup_steps
+                else f" (less than twice the {self.tc.warmup_steps} warm-up steps)")
         self.print(f"[{self.stage}] budget {self.tc.budget_minutes:g} min: {1 / per_step:.1f} steps/s "
                    f"({ips:.0f} images/s) measured, so {total} steps{note}")
         self.log({"step": self.step, "budget_steps": total, "steps_per_s": 1 / per_step, "images_per_s": ips})
@@ -530,13 +533,16 @@ class Trainer:
             peaks = torch.stack([p.abs().max().float() for p in params]) if params else torch.zeros(1)
             worst = peaks.max().item()  # nan propagates through max
             if not math.isfinite(worst) or worst > MAX_SANE_WEIGHT:
-                name = [n for n, p in module.named_parameters() if p.numel()][int(torch.nan_to_num(peaks, nan=math.inf).argmax())]
+                name = [n for n, p in module.named_parameters() if p.numel()][
+                    int(torch.nan_to_num(peaks, nan=math.inf).argmax())]
                 try:
-                    kept = f"the last good checkpoint ({self.resume_path}, step {load_checkpoint(self.resume_path)['step']}) is kept"
+                    kept = (f"the last good checkpoint ({self.resume_path}, "
+                            f"step {load_checkpoint(self.resume_path)['step']}) is kept")
                 except CheckpointError:
                     kept = "there is no earlier checkpoint"
                 raise TrainingError(f"[{self.stage}] the {label} diverged before step {self.step} (max |{name}| = "
-                                    f"{worst:.3g}): not saved; {kept}. Try a lower --set {self.stage}.train.lr, then --resume.")
+                                    f"{worst:.3g}): not saved; {kept}. "
+                                    f"Try a lower --set {self.stage}.train.lr, then --resume.")
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if bool(bad):

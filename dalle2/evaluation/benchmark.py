@@ -228,8 +228,10 @@ def main(argv=None):
     if args.compile:
         model.compile()
         source += ", compiled"
-    n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6 for name in ("clip", "prior", "decoder")}
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6
+                for name in ("clip", "prior", "decoder")}
+    hw = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+          f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     guidance = (f"guidance {args.guidance_scale:g} (both)" if args.guidance_scale is not None else
                 f"guidance {model.sampling.guidance_scale:g} decoder / {model.sampling.prior_guidance_scale:g} prior")
     print(f"pipeline: {source}; {model.image_size}px; parameters (M): "
@@ -237,12 +239,15 @@ def main(argv=None):
     print(f"device: {hw}; torch {torch.__version__}; {guidance}, {model.sampling.candidates} prior candidates")
     for s, cost in zip(settings, costs):
         print(f"{s['name']}: one image costs {cost['gflop']:.1f} GFLOP and {cost['ops']:,.0f} dispatched ops "
-              f"(per step: decoder {cost['decoder_gflop_per_step']:.2f} GFLOP / {cost['decoder_ops_per_step']:.0f} ops, "
+              f"(per step: decoder {cost['decoder_gflop_per_step']:.2f} GFLOP / "
+              f"{cost['decoder_ops_per_step']:.0f} ops, "
               f"prior {cost['prior_gflop_per_step']:.2f} GFLOP / {cost['prior_ops_per_step']:.0f} ops)")
     print()
-    header = f"{'setting':<22}{'case':<14}{'images':>7}{'seconds':>9}{'prior s':>9}{'decoder s':>10}{'other s':>9}{'images/s':>10}"
+    header = (f"{'setting':<22}{'case':<14}{'images':>7}{'seconds':>9}"
+              f"{'prior s':>9}{'decoder s':>10}{'other s':>9}{'images/s':>10}")
     print(header, flush=True)
-    cases = ([("single image", 1)] if args.single else []) + [(f"batch {b}", int(b)) for b in args.batch_sizes.split(",") if b]
+    cases = (([("single image", 1)] if args.single else [])
+             + [(f"batch {b}", int(b)) for b in args.batch_sizes.split(",") if b])
     rows = []
     for s in settings:
         for case, n in cases:

@@ -234,7 +234,8 @@ def main(argv=None):
     model, reader, prompt_sets, real_test, real_train = load_everything(
         args.checkpoints, device, limit, args.prompts, args.split, [s for s in args.sets.split(",") if s],
         args.reader_cache, config_args=args)
-    settings = {k: v for k, v in dict(guidance_scale=args.guidance_scale, prior_guidance_scale=args.prior_guidance_scale,
+    settings = {k: v for k, v in dict(guidance_scale=args.guidance_scale,
+                                      prior_guidance_scale=args.prior_guidance_scale,
                                       steps=args.steps, prior_steps=args.prior_steps,
                                       batch_size=args.batch_size).items() if v is not None}
     report = {"checkpoints": str(args.checkpoints), "data": model.data_config.root,

@@ -3,7 +3,7 @@ faithfulness against diversity and distance, and recommend a setting.
 
     python -m dalle2.evaluation.sweep --checkpoints runs --guidance 1,2,3,5 [--prior-guidance 1] [--steps 50]
                            [--limit 200] [--out runs/sweep]
-    python -m dalle2.evaluation.sweep --checkpoints runs --guidance 3 --samplers ddim,dpmpp2m --steps 10,15,20,50 \
+    python -m dalle2.evaluation.sweep --checkpoints runs --guidance 3 --samplers ddim,dpmpp2m --steps 10,15,20,50 \\
                            --prior-steps 10,20,64    # samplers and step counts (decoder, prior)
 
 Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. The recommended setting has the highest
@@ -71,7 +71,8 @@ def main(argv=None):
     p.add_argument("--prior-guidance", default="1", help="prior guidance scales")
     p.add_argument("--steps", default="50", help="decoder step counts")
     p.add_argument("--prior-steps", default=None, help="prior step counts (default: the checkpoint's)")
-    p.add_argument("--samplers", default=None, help="samplers to compare, e.g. ddim,dpmpp2m (default: the checkpoint's)")
+    p.add_argument("--samplers", default=None,
+                   help="samplers to compare, e.g. ddim,dpmpp2m (default: the checkpoint's)")
     p.add_argument("--limit", type=int, default=None, help="test captions per setting (default 500 on GPU, 64 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -89,7 +90,8 @@ def main(argv=None):
     ints = lambda text: [int(s) for s in text.split(",") if s.strip()]  # noqa: E731
     samplers = samplers or [model.sampling.sampler]
     grid = list(itertools.product(_floats(args.guidance), _floats(args.prior_guidance), ints(args.steps),
-                                  ints(args.prior_steps) if args.prior_steps else [model.sampling.prior_steps], samplers))
+                                  ints(args.prior_steps) if args.prior_steps else [model.sampling.prior_steps],
+                                  samplers))
     results = []
     for i, (g, pg, steps, prior_steps, sampler) in enumerate(grid, 1):
         settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps, "prior_steps": prior_steps,
@@ -103,7 +105,8 @@ def main(argv=None):
     best = recommend(results)
     out = Path(args.out) if args.out else Path(args.checkpoints) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
-    labels = [f"g{r['settings']['guidance_scale']:g}/p{r['settings']['prior_guidance_scale']:g}/s{r['settings']['steps']}"
+    labels = [f"g{r['settings']['guidance_scale']:g}/p{r['settings']['prior_guidance_scale']:g}"
+              f"/s{r['settings']['steps']}"
               + f"/ps{r['settings']['prior_steps']}" * (len({x['settings']['prior_steps'] for x in results}) > 1)
               + f"/{r['settings']['sampler']}" * (len(samplers) > 1) for r in results]
     em = [exact_match(r) if exact_match(r) is not None else float("nan") for r in results]
@@ -122,7 +125,8 @@ def main(argv=None):
     summary = {"recommended": results[best]["settings"], "results": [
         {"settings": r["settings"], "exact_match": exact_match(r), "caption_match": caption_match(r) or None,
          "diversity": r["diversity"],
-         "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]} for r in results]}
+         "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]}
+        for r in results]}
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
     cs = [caption_match(r).get("clip_score", float("nan")) for r in results]
     lines = ["| setting | exact match | R-precision | CLIP score | CLIP FD | diversity | seconds |",

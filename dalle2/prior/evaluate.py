@@ -137,8 +137,10 @@ def evaluate_prior(prior, emb: Embeddings, ds: CaptionedImages, *, steps: int = 
     out.update(_figures(sampled, true_img, text, other_text, cap_key, rows, hits))
     held = heldout_mask(ds)
     if held is not None and held.any():
-        out.update({f"seen_{k}": v for k, v in _figures(sampled, true_img, text, other_text, cap_key, ~held, hits).items()})
-        out.update({f"heldout_{k}": v for k, v in _figures(sampled, true_img, text, other_text, cap_key, held, hits).items()})
+        out.update({f"seen_{k}": v
+                    for k, v in _figures(sampled, true_img, text, other_text, cap_key, ~held, hits).items()})
+        out.update({f"heldout_{k}": v
+                    for k, v in _figures(sampled, true_img, text, other_text, cap_key, held, hits).items()})
     return out
 
 
