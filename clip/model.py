@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle2.core.checkpoint import Provenance, model_from_checkpoint
+from dalle2.core.config import ClipModelConfig as Defaults
 from dalle2.core.layers import CausalTextEncoder, Transformer
 
 # exp(logit_scale) is clamped to at most 100 "to prevent scaling the logits by more than 100, which we
@@ -127,10 +128,12 @@ class CLIP(Provenance, nn.Module):
     """Contrastive Language-Image Pre-training: a ViT image encoder and a causal text transformer whose
     L2-normalised outputs are compared by a cosine similarity scaled by a learned temperature."""
 
-    def __init__(self, *, vocab_size: int, image_size: int, embed_dim: int = 256,
-                 vision_width: int = 256, vision_layers: int = 6, vision_heads: int = 4, patch_size: int = 4,
-                 text_width: int = 256, text_layers: int = 4, text_heads: int = 4, context_length: int = 32,
-                 dropout: float = 0.0):
+    def __init__(self, *, vocab_size: int, image_size: int, embed_dim: int = Defaults.embed_dim,
+                 vision_width: int = Defaults.vision_width, vision_layers: int = Defaults.vision_layers,
+                 vision_heads: int = Defaults.vision_heads, patch_size: int = Defaults.patch_size,
+                 text_width: int = Defaults.text_width, text_layers: int = Defaults.text_layers,
+                 text_heads: int = Defaults.text_heads, context_length: int = Defaults.context_length,
+                 dropout: float = Defaults.dropout):  # defaults: one source, the config
         super().__init__()
         self.image_size = image_size
         self.context_length = context_length

@@ -1,13 +1,19 @@
 """The config loader: defaults, presets, overrides, type coercion and errors that name key and file."""
 import dataclasses
+import importlib
+import inspect
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from dalle2.core.config import (
+    ClipModelConfig,
     Config,
     ConfigError,
+    DecoderModelConfig,
+    DiffusionConfig,
+    PriorModelConfig,
     _resolve_key,
     config_from_dict,
     describe_options,
@@ -19,7 +25,8 @@ from dalle2.core.config import (
 def test_default_preset_is_shapes32_and_floats_are_floats():
     cfg = load_config()
     assert cfg.preset == "shapes32"
-    assert isinstance(cfg.clip.train.lr, float) and cfg.clip.train.lr == 8e-4  # written 8e-4 in YAML: a string to PyYAML
+    # written 8e-4 in YAML: a string to PyYAML
+    assert isinstance(cfg.clip.train.lr, float) and cfg.clip.train.lr == 8e-4
     assert cfg.prior.diffusion.objective == "x0"
 
 
@@ -29,7 +36,8 @@ def test_every_preset_loads():
 
 
 def test_overrides_and_shorthand():
-    cfg = load_config(preset="tiny", overrides=["clip.lr=3e-4", "decoder.model.channel_mult=[1, 2, 4]", "data.flip=false"])
+    cfg = load_config(preset="tiny",
+                      overrides=["clip.lr=3e-4", "decoder.model.channel_mult=[1, 2, 4]", "data.flip=false"])
     assert cfg.clip.train.lr == pytest.approx(3e-4)
     assert cfg.decoder.model.channel_mult == [1, 2, 4]
     assert cfg.data.flip is False
@@ -95,10 +103,67 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
 
 def test_readme_option_table_shows_what_runs():
     """The README's "All options" table is describe_options(): the shapes32 values of model_config.yml
-    (what runs when no preset is chosen), not the dataclass fallbacks. Regenerate it when either changes."""
+    (what runs when no preset is chosen). Regenerate it when they change."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert describe_options() in readme
-    assert "| `decoder.train.ema_decay` | `0.999` |" in describe_options()  # the YAML's, not Config()'s 0.0
+    assert "| `decoder.train.ema_decay` | `0.999` |" in describe_options()
+
+
+def test_dataclass_defaults_are_the_yaml_top_level():
+    """One set of defaults: a --config file that leaves a key out gets the value model_config.yml shows."""
+    assert Config().to_dict() == load_config().to_dict()
+
+
+def _fields(cls):
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("build, cls", [
+    ("clip.model:CLIP", ClipModelConfig),
+    ("dalle2.prior.model:PriorNetwork", PriorModelConfig),
+    ("dalle2.decoder.model:UNet", DecoderModelConfig),
+    ("dalle2.diffusion:GaussianDiffusion", DiffusionConfig),
+])
+def test_constructor_defaults_are_the_config_defaults(build, cls):
+    """A model built in a notebook without a config gets the config's sizes (no UNet(channels=128) against
+    64 in the config): every constructor argument named like a config field defaults to that field."""
+    module, name = build.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    defaults = _fields(cls)
+    shared = [k for k in defaults if k in params]
+    assert shared, f"{name} shares no argument with {cls.__name__}"
+    for key in shared:
+        default = params[key].default
+        assert default is not inspect.Parameter.empty, f"{name}({key}) has no default"
+        assert (list(default) if isinstance(default, tuple) else default) == defaults[key], f"{name}({key})"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("attention_resolutions", [4]),
+    ("head_channels", 48),
+    ("text_heads", 3),
+    ("channel_mult", [1, 2, 2, 2, 2, 2, 2]),
+])
+def test_unet_and_config_refuse_bad_sizes_in_the_same_words(field, value):
+    """The UNet (buildable without a config) and the config loader apply one rule with one message."""
+    from dalle2.decoder.model import UNet
+    with pytest.raises(ConfigError) as from_config:
+        load_config(overrides=[f"decoder.model.{field}={value}"])
+    kw = dict(image_size=32, embed_dim=16, vocab_size=50, context_length=16, clip_text_width=32, **{field: value})
+    with pytest.raises(ValueError) as from_unet:
+        UNet(**kw)
+    tail = str(from_config.value).split(f"decoder.model.{field}: ", 1)[1]
+    assert str(from_unet.value) == f"UNet: decoder.model.{field}: {tail}"
+
+
+@pytest.mark.parametrize("bad", [dict(channels=0), dict(dropout=1.5), dict(text_encoder="bert"),
+                                 dict(channel_mult=[1, "x"])])
+def test_unet_arguments_get_the_configs_type_and_range_checks(bad):
+    from dalle2.decoder.model import UNet
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=f"UNet: decoder.model.{key}"):
+        UNet(image_size=32, embed_dim=16, vocab_size=50, context_length=16, clip_text_width=32, **bad)
 
 
 def test_every_option_is_documented():

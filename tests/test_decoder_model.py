@@ -7,7 +7,8 @@ from dalle2.decoder import Decoder, UNet
 from dalle2.decoder.model import ContextAttentionBlock
 
 TINY = dict(embed_dim=16, vocab_size=50, context_length=16, channels=32, channel_mult=[1, 2], num_res_blocks=1,
-            attention_resolutions=[8], head_channels=16, text_width=32, text_layers=1, text_heads=2)
+            attention_resolutions=[8], head_channels=16, text_encoder="own", text_width=32, text_layers=1,
+            text_heads=2)
 
 
 def make_unet(image_size=16, **kw):
@@ -163,7 +164,8 @@ def test_prepared_conditioning_equals_the_plain_forward(model):
     for tokens in (tok, None):
         cond = model.prepare_conditioning(image_emb=emb, tokens=tokens, cond_drop=drop)
         # one context per attention block, under the name of the stage that holds it in the module tree
-        holders = {name.rpartition(".attn")[0] for name, m in model.named_modules() if isinstance(m, ContextAttentionBlock)}
+        holders = {name.rpartition(".attn")[0] for name, m in model.named_modules()
+                   if isinstance(m, ContextAttentionBlock)}
         assert set(cond["ctx"]) == holders and len(holders) >= 2
         for x_t, t_ in ((x, t), (x * 0.5 + 1, (t + 100) % 1000)):
             torch.testing.assert_close(model(x_t, t_, cond=cond),

@@ -70,8 +70,8 @@ def _tiny_stages():
     prior = DiffusionPrior(PriorNetwork(embed_dim=e, text_width=w, context_length=L, width=32, layers=1, heads=2),
                            GaussianDiffusion(timesteps=50, objective="x0")).train()
     unet = UNet(image_size=8, embed_dim=e, vocab_size=20, context_length=L, channels=16, channel_mult=(1, 2),
-                num_res_blocks=1, attention_resolutions=(4,), head_channels=16, text_width=16, text_layers=1,
-                text_heads=2)
+                num_res_blocks=1, attention_resolutions=(4,), head_channels=16, text_encoder="own", text_width=16,
+                text_layers=1, text_heads=2)
     decoder = Decoder(unet, GaussianDiffusion(timesteps=50, objective="v", loss_weighting="min_snr")).train()
     emb = F.normalize(torch.randn(n, e), dim=-1)
     prior_batch = {"image_emb": emb, "text_emb": emb, "text_enc": torch.randn(n, L, w),

@@ -70,8 +70,8 @@ class OldTextEncoder(nn.Module):
 CLIP_KW = dict(vocab_size=40, image_size=16, embed_dim=16, vision_width=16, vision_layers=1, vision_heads=2,
                patch_size=8, text_width=32, text_layers=2, text_heads=2, context_length=12)
 UNET_KW = dict(image_size=16, embed_dim=16, vocab_size=40, context_length=12, channels=16, channel_mult=[1, 2],
-               num_res_blocks=1, attention_resolutions=[8], head_channels=16, text_width=32, text_layers=2,
-               text_heads=2)
+               num_res_blocks=1, attention_resolutions=[8], head_channels=16, text_encoder="own", text_width=32,
+               text_layers=2, text_heads=2)
 
 
 def built(cls, seed, old, monkeypatch, **kw):

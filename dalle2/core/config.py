@@ -7,6 +7,9 @@ value raises ConfigError naming the key and the file before any work starts. YAM
 string, so numbers are coerced to the declared type.
 
 Field names equal constructor argument names, so building a model is `Model(**asdict(cfg.clip.model))`.
+One set of defaults: the dataclasses' defaults are the file's top level, and a model constructor's
+defaults are these fields (tests/test_config.py checks both), so a config file that leaves a key out,
+or a model built in a notebook without a config, gets the recipe's value.
 Paths of artifacts (checkpoints, run folders) never live here: they are command-line arguments.
 """
 from __future__ import annotations
@@ -46,16 +49,18 @@ def _list(default, doc: str = "", min=None):
 @dataclass
 class DataConfig:
     dataset: str = _opt("shapes", "which data: shapes | cifar10 | folder", choices=("shapes", "cifar10", "folder"))
-    root: str = _opt("data/shapes_objects", "dataset folder (relative to the working directory); shapes are generated there if missing")
-    variant: str = _opt("objects", "shapes variant: objects (1-2 objects), positions (1 object and where it "
+    root: str = _opt("data/shapes_both", "dataset folder (relative to the working directory); shapes are "
+                     "generated there if missing")
+    variant: str = _opt("both", "shapes variant: objects (1-2 objects), positions (1 object and where it "
                         "is) or both (the two kinds in turn in one dataset; give it its own root)",
                         choices=("objects", "positions", "both"))
-    n_train: int = _opt(20000, "shapes: training images to generate", min=1)
-    n_test: int = _opt(2000, "shapes: test images to generate", min=1)
+    n_train: int = _opt(40000, "shapes: training images to generate", min=1)
+    n_test: int = _opt(4000, "shapes: test images to generate", min=1)
     seed: int = _opt(0, "shapes: generator seed", min=0)
     image_size: int = _opt(32, "side of the images the models see", choices=(16, 32, 64))
     flip: bool = _opt(True, "random horizontal flips (captions' left/right are swapped to stay true)")
-    captions_file: str = _opt("captions.jsonl", "folder dataset: captions file (CSV or JSONL) inside root; when missing, a Hugging Face metadata.jsonl or caption .txt files beside the images")
+    captions_file: str = _opt("captions.jsonl", "folder dataset: captions file (CSV or JSONL) inside root; when "
+                              "missing, a Hugging Face metadata.jsonl or caption .txt files beside the images")
     download: bool = _opt(False, "cifar10: download through torchvision if missing")
 
 
@@ -66,7 +71,8 @@ class TrainConfig:
                                  "throughput is measured over the first steps and the step count fixed so that "
                                  "warm-up and the whole cosine decay fit", min=0.0)
     batch_size: int = _opt(512, "global batch size (split across DDP ranks)", min=1)
-    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradients summed): a small GPU keeps the global batch_size", min=1)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradients summed): a small GPU keeps the global "
+                           "batch_size", min=1)
     lr: float = _opt(5e-4, "peak learning rate (AdamW)", min=0.0)
     min_lr_ratio: float = _opt(0.1, "cosine decay ends at lr * min_lr_ratio", min=0.0, max=1.0)
     warmup_steps: int = _opt(500, "linear warm-up steps", min=0)
@@ -75,12 +81,13 @@ class TrainConfig:
     beta2: float = _opt(0.999, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = _opt(1.0, "max gradient norm (0 = off)", min=0.0)
     ema_decay: float = _opt(0.0, "EMA of weights (0 = off); the EMA weights are what sampling uses", min=0.0, max=1.0)
-    precision: str = _opt("bf16", "autocast on CUDA: bf16, fp16 (with a gradient scaler; used by itself when the GPU has no bf16) or fp32; always fp32 off CUDA", choices=("bf16", "fp16", "fp32"))
-    compile: bool = _opt(False, "torch.compile the training step (CUDA only; ignored on the CPU)")
+    precision: str = _opt("bf16", "autocast on CUDA: bf16, fp16 (with a gradient scaler; used by itself when the GPU "
+                          "has no bf16) or fp32; always fp32 off CUDA", choices=("bf16", "fp16", "fp32"))
+    compile: bool = _opt(True, "torch.compile the training step (CUDA only; ignored on the CPU)")
     log_every: int = _opt(50, "steps between metrics.jsonl lines", min=1)
-    eval_every: int = _opt(2000, "steps between evaluations (0 = only at the end)", min=0)
+    eval_every: int = _opt(0, "steps between evaluations (0 = only at the end)", min=0)
     save_every: int = _opt(1000, "steps between resume checkpoints", min=1)
-    sample_every: int = _opt(2000, "decoder: steps between sample grids (0 = only at the end)", min=0)
+    sample_every: int = _opt(0, "decoder: steps between sample grids (0 = only at the end)", min=0)
     seed: int = _opt(0, "seed of data order, augmentation and noise", min=0)
 
 
@@ -94,14 +101,16 @@ class ClipModelConfig:
     text_width: int = _opt(256, "text transformer width", min=1)
     text_layers: int = _opt(4, "text transformer layers", min=1)
     text_heads: int = _opt(4, "text transformer heads", min=1)
-    context_length: int = _opt(32, "tokens per caption (BOS and EOS included); longer captions are truncated with a warning", min=3)
+    context_length: int = _opt(16, "tokens per caption (BOS and EOS included); longer captions are truncated with "
+                               "a warning", min=3)
     dropout: float = _opt(0.0, "dropout in both encoders", min=0.0, max=1.0)
 
 
 @dataclass
 class ClipConfig:
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=2500, batch_size=1024, lr=8e-4, min_lr_ratio=0.05, warmup_steps=150, weight_decay=0.1, beta2=0.98))
 
 
 @dataclass
@@ -115,18 +124,20 @@ class DiffusionConfig:
 
 @dataclass
 class PriorModelConfig:
-    width: int = _opt(512, "transformer width", min=1)
-    layers: int = _opt(6, "transformer layers", min=1)
-    heads: int = _opt(8, "attention heads", min=1)
+    width: int = _opt(384, "transformer width", min=1)
+    layers: int = _opt(4, "transformer layers", min=1)
+    heads: int = _opt(6, "attention heads", min=1)
     dropout: float = _opt(0.0, "dropout", min=0.0, max=1.0)
-    cond_drop_prob: float = _opt(0.1, "text conditioning dropped this often in training (for prior guidance)", min=0.0, max=1.0)
+    cond_drop_prob: float = _opt(0.1, "text conditioning dropped this often in training (for prior guidance)",
+                                 min=0.0, max=1.0)
 
 
 @dataclass
 class PriorConfig:
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(objective="x0"))
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=3000, batch_size=1024, lr=5e-4, warmup_steps=200, ema_decay=0.999))
 
 
 @dataclass
@@ -136,8 +147,8 @@ class DecoderModelConfig:
     num_res_blocks: int = _opt(2, "residual blocks per resolution", min=1)
     attention_resolutions: list[int] = _list([16, 8], "feature-map sides with attention over image + context", min=1)
     head_channels: int = _opt(64, "channels per attention head", min=1)
-    dropout: float = _opt(0.1, "dropout in residual blocks", min=0.0, max=1.0)
-    text_encoder: str = _opt("own", "caption features: 'own' (the decoder's causal transformer on the tokens) or "
+    dropout: float = _opt(0.0, "dropout in residual blocks", min=0.0, max=1.0)
+    text_encoder: str = _opt("clip", "caption features: 'own' (the decoder's causal transformer on the tokens) or "
                              "'clip' (CLIP's per-token encodings, cached in training, projected to text_width)",
                              choices=("own", "clip"))
     text_width: int = _opt(256, "width of the caption context (own: the decoder's text transformer)", min=1)
@@ -151,8 +162,9 @@ class DecoderModelConfig:
 @dataclass
 class DecoderConfig:
     model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(objective="v", loss_weighting="min_snr"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=8000, batch_size=512, lr=3e-4, warmup_steps=500, weight_decay=0.0, ema_decay=0.999, save_every=2000))
 
 
 @dataclass
@@ -168,7 +180,8 @@ class SamplingConfig:
     clip_x0: str = _opt("static", "clipping of the decoder's predicted x0", choices=("static", "dynamic", "none"))
     batch_size: int = _opt(256, "images per sampling batch", min=1)
     guidance_interval: list[float] = _list([0.0, 1.0], "decoder guidance only at steps with t/(T-1) in [lo, hi] "
-                                           "(Kynkaanniemi et al. 2024); outside it only the conditional half runs", min=0.0)
+                                           "(Kynkaanniemi et al. 2024); outside it only the conditional half runs",
+                                           min=0.0)
     prior_guidance_interval: list[float] = _list([0.0, 1.0], "the same for the prior's guidance", min=0.0)
 
 
@@ -379,30 +392,65 @@ def check_consistency(cfg: Config, source: str) -> Config:
             raise ConfigError(f"{source}: {key}: {msg}")
     size, c, d, p = cfg.data.image_size, cfg.clip.model, cfg.decoder.model, cfg.prior.model
     need(size % c.patch_size == 0, "clip.model.patch_size", f"{c.patch_size} does not divide data.image_size {size}")
-    need(c.vision_width % c.vision_heads == 0, "clip.model.vision_heads", f"{c.vision_heads} does not divide vision_width {c.vision_width}")
-    need(c.text_width % c.text_heads == 0, "clip.model.text_heads", f"{c.text_heads} does not divide text_width {c.text_width}")
+    need(c.vision_width % c.vision_heads == 0, "clip.model.vision_heads",
+         f"{c.vision_heads} does not divide vision_width {c.vision_width}")
+    need(c.text_width % c.text_heads == 0, "clip.model.text_heads",
+         f"{c.text_heads} does not divide text_width {c.text_width}")
     need(p.width % p.heads == 0, "prior.model.heads", f"{p.heads} does not divide width {p.width}")
-    need(d.text_width % d.text_heads == 0, "decoder.model.text_heads", f"{d.text_heads} does not divide text_width {d.text_width}")
     for stage in ("clip", "prior", "decoder"):
         tc = getattr(cfg, stage).train
         need(tc.grad_accum <= tc.batch_size, f"{stage}.train.grad_accum",
              f"{tc.grad_accum} micro-batches cannot split a batch_size of {tc.batch_size}")
-    levels = len(d.channel_mult)
-    need(size % 2 ** (levels - 1) == 0, "decoder.model.channel_mult",
-         f"{levels} resolutions need data.image_size divisible by {2 ** (levels - 1)}")
-    sides = [size // 2 ** i for i in range(levels)]
-    for r in d.attention_resolutions:
-        need(r in sides, "decoder.model.attention_resolutions",
-             f"{r} is never reached: the UNet's feature maps are {sides} for {size}px images")
     for key in ("guidance_interval", "prior_guidance_interval"):
         lo_hi = getattr(cfg.sampling, key)
         need(len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1] <= 1.0, f"sampling.{key}",
              f"expected [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")
-    for i, m in enumerate(d.channel_mult):
-        if sides[i] in d.attention_resolutions or i == levels - 1:  # the middle block always attends
-            need(d.channels * m % d.head_channels == 0, "decoder.model.head_channels",
-                 f"{d.head_channels} does not divide the attention width {d.channels * m}")
+    for key, msg in unet_shape_problems(size, d.channels, d.channel_mult, d.attention_resolutions,
+                                        d.head_channels, d.text_width, d.text_heads):
+        need(False, f"decoder.model.{key}", msg)
     return cfg
+
+
+def unet_shape_problems(image_size: int, channels: int, channel_mult: list[int], attention_resolutions: list[int],
+                        head_channels: int, text_width: int, text_heads: int) -> list[tuple[str, str]]:
+    """(field of decoder.model, message) for each way these decoder sizes do not fit together; [] when
+    they fit. The config checks them at load time, the UNet (which can be built without a config) when
+    it is built: one rule, one wording."""
+    if not channel_mult:
+        return [("channel_mult", "needs at least one resolution")]
+    problems = []
+    levels = len(channel_mult)
+    if image_size % 2 ** (levels - 1):
+        problems.append(("channel_mult", f"{levels} resolutions need data.image_size divisible by {2 ** (levels - 1)}"))
+    sides = [image_size // 2 ** i for i in range(levels)]
+    for r in attention_resolutions:
+        if r not in sides:
+            problems.append(("attention_resolutions",
+                             f"{r} is never reached: the UNet's feature maps are {sides} for {image_size}px images"))
+    for i, m in enumerate(channel_mult):
+        if (sides[i] in attention_resolutions or i == levels - 1) and channels * m % head_channels:
+            # the middle block (at the last level) always attends
+            problems.append(("head_channels", f"{head_channels} does not divide the attention width {channels * m}"))
+    if text_width % text_heads:
+        problems.append(("text_heads", f"{text_heads} does not divide text_width {text_width}"))
+    return problems
+
+
+def check_fields(cls: type, values: dict, prefix: str, source: str) -> None:
+    """Check `values`, a model constructor's arguments named like the fields of config dataclass `cls`,
+    against the types and ranges declared there: a model built without a config file gets the same
+    checks and messages as a config file (ConfigError is a ValueError)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        _check_range(_coerce(value, hints[key], prefix + key, source), fields[key].metadata, prefix + key, source)
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field `name` of config dataclass `cls`, list fields (built by a factory) included:
+    what model constructors take as their own defaults, so that the two cannot disagree."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def config_from_dict(data: dict, source: str) -> Config:
@@ -437,7 +485,8 @@ def data_config_for_checkpoint(saved: Config, args: Optional[argparse.Namespace]
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """--config, --preset and --set on every entry point."""
     g = parser.add_argument_group("config")
-    g.add_argument("--config", default=None, help=f"config file (default: dalle2/{DEFAULT_CONFIG.name}, shipped with the package)")
+    g.add_argument("--config", default=None,
+                   help=f"config file (default: dalle2/{DEFAULT_CONFIG.name}, shipped with the package)")
     g.add_argument("--preset", default=None, help="named preset: tiny, shapes32 (default), cifar10, ...")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set clip.train.lr=3e-4 (repeatable; 'clip.lr' works when unique)")

@@ -17,6 +17,7 @@ Conditioning follows GLIDE + unCLIP:
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle2.core.checkpoint import Provenance, model_from_checkpoint
+from dalle2.core.config import DecoderModelConfig as Defaults
+from dalle2.core.config import check_fields, field_default, unet_shape_problems
 from dalle2.core.layers import Attention, CausalTextEncoder, TimestepEmbedding
 from dalle2.core.runtime import eval_mode
 from dalle2.diffusion import GaussianDiffusion
@@ -179,26 +182,45 @@ class UNet(nn.Module):
     """GLIDE/unCLIP decoder UNet predicting a 3-channel target (eps or v: the diffusion's concern)."""
 
     def __init__(self, *, image_size: int, embed_dim: int, vocab_size: int, context_length: int,
-                 channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
-                 attention_resolutions: Sequence[int] = (16, 8), head_channels: int = 64, dropout: float = 0.1,
-                 text_encoder: str = "own", text_width: int = 256, text_layers: int = 4, text_heads: int = 4,
-                 clip_tokens: int = 4, clip_drop_prob: float = 0.1, text_drop_prob: float = 0.5,
-                 clip_text_width: Optional[int] = None):
+                 channels: int = Defaults.channels,
+                 channel_mult: Sequence[int] = tuple(field_default(Defaults, "channel_mult")),
+                 num_res_blocks: int = Defaults.num_res_blocks,
+                 attention_resolutions: Sequence[int] = tuple(field_default(Defaults, "attention_resolutions")),
+                 head_channels: int = Defaults.head_channels, dropout: float = Defaults.dropout,
+                 text_encoder: str = Defaults.text_encoder, text_width: int = Defaults.text_width,
+                 text_layers: int = Defaults.text_layers, text_heads: int = Defaults.text_heads,
+                 clip_tokens: int = Defaults.clip_tokens, clip_drop_prob: float = Defaults.clip_drop_prob,
+                 text_drop_prob: float = Defaults.text_drop_prob,
+                 clip_text_width: Optional[int] = None):  # defaults: one source, the config
         """image_size: side of the square input; embed_dim: CLIP embedding width; vocab_size / context_length:
         the caption tokenizer's; channels: base width, multiplied by channel_mult[i] at level i (each level
         halves the resolution); num_res_blocks: ResBlocks per level; attention_resolutions: feature-map side
         lengths with context attention; head_channels: channels per attention head; text_encoder: "own" (the
         decoder's caption transformer, text_*) or "clip" (CLIP's per-token encodings of width
-        clip_text_width, projected to text_width); clip_tokens: context tokens projected from the CLIP embedding; *_drop_prob:
-        classifier-free-guidance dropout rates of the two conditions (unCLIP section 2.1)."""
+        clip_text_width, projected to text_width); clip_tokens: context tokens projected from the CLIP
+        embedding; *_drop_prob: classifier-free-guidance dropout rates of the two conditions (unCLIP
+        section 2.1). The defaults are the config's (DecoderModelConfig, model_config.yml)."""
         super().__init__()
         channel_mult, attention_resolutions = list(channel_mult), list(attention_resolutions)
-        self._validate(image_size, channels, channel_mult, num_res_blocks, attention_resolutions, head_channels,
-                       dropout, text_width, text_layers, text_heads, clip_tokens, clip_drop_prob, text_drop_prob,
-                       embed_dim, vocab_size, context_length)
+        for name, v in [("image_size", image_size), ("embed_dim", embed_dim), ("vocab_size", vocab_size),
+                        ("context_length", context_length)]:  # the sizes that come from outside decoder.model
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"UNet: {name} must be a positive int, got {v!r}")
+        check_fields(Defaults, dict(channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+                             attention_resolutions=attention_resolutions, head_channels=head_channels,
+                             dropout=dropout, text_encoder=text_encoder, text_width=text_width,
+                             text_layers=text_layers, text_heads=text_heads, clip_tokens=clip_tokens,
+                             clip_drop_prob=clip_drop_prob, text_drop_prob=text_drop_prob), "decoder.model.", "UNet")
+        for key, msg in unet_shape_problems(image_size, channels, channel_mult, attention_resolutions, head_channels,
+                                            text_width, text_heads):
+            raise ValueError(f"UNet: decoder.model.{key}: {msg}")
+        for ch in sorted({channels * m for m in channel_mult}):
+            if ch % norm_groups(ch):
+                raise ValueError(f"UNet: width {ch} (channels * channel_mult) is not divisible by its "
+                                 f"{norm_groups(ch)} GroupNorm groups; use a multiple of 4 (of 32 above 128)")
+        if dropout == 1.0:
+            raise ValueError("UNet: decoder.model.dropout must be below 1 (1 would drop every activation)")
         self.image_size, self.embed_dim = image_size, embed_dim
-        if text_encoder not in ("own", "clip"):
-            raise ValueError(f"decoder.model.text_encoder must be 'own' or 'clip', got {text_encoder!r}")
         if text_encoder == "clip" and not (isinstance(clip_text_width, int) and clip_text_width > 0):
             raise ValueError("decoder.model.text_encoder 'clip' needs clip_text_width (clip.model.text_width)")
         self.text_source = text_encoder
@@ -251,47 +273,12 @@ class UNet(nn.Module):
             for i in range(num_res_blocks + 1):
                 out = channels * mult
                 upsample = Upsample(out) if level != 0 and i == num_res_blocks else None
-                self.up.append(UNetStage(ResBlock(ch + skip_chs.pop(), out, emb_dim, dropout), attn(out, res), upsample))
+                block = ResBlock(ch + skip_chs.pop(), out, emb_dim, dropout)
+                self.up.append(UNetStage(block, attn(out, res), upsample))
                 ch = out
             if level != 0:
                 res *= 2
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, 3, 3, padding=1)))
-
-    @staticmethod
-    def _validate(image_size, channels, channel_mult, num_res_blocks, attention_resolutions, head_channels,
-                  dropout, text_width, text_layers, text_heads, clip_tokens, clip_drop_prob, text_drop_prob,
-                  embed_dim, vocab_size, context_length):
-        """Reject a bad config before building anything, naming the offending field."""
-        for name, v in [("image_size", image_size), ("channels", channels), ("num_res_blocks", num_res_blocks),
-                        ("head_channels", head_channels), ("text_width", text_width), ("text_layers", text_layers),
-                        ("text_heads", text_heads), ("clip_tokens", clip_tokens), ("embed_dim", embed_dim),
-                        ("vocab_size", vocab_size), ("context_length", context_length)]:
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"decoder.model.{name} must be a positive int, got {v!r}")
-        if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
-            raise ValueError(f"decoder.model.channel_mult must be a non-empty list of positive ints, got {channel_mult}")
-        factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor:
-            raise ValueError(f"image_size {image_size} is not divisible by 2**(len(channel_mult)-1) = {factor}")
-        reached = [image_size // 2 ** i for i in range(len(channel_mult))]
-        for r in attention_resolutions:
-            if r not in reached:
-                raise ValueError(f"decoder.model.attention_resolutions: {r} is never reached; "
-                                 f"feature-map sizes are {reached} for image_size {image_size}")
-        for ch in sorted({channels * m for m in channel_mult}):
-            if ch % norm_groups(ch):
-                raise ValueError(f"width {ch} (channels * channel_mult) is not divisible by its "
-                                 f"{norm_groups(ch)} GroupNorm groups; use a multiple of 4 (of 32 above 128)")
-        attn_chs = {channels * m for m, r in zip(channel_mult, reached) if r in attention_resolutions}
-        attn_chs.add(channels * channel_mult[-1])  # the middle block always has attention
-        for ch in sorted(attn_chs):
-            if ch % head_channels:
-                raise ValueError(f"attention width {ch} is not divisible by head_channels {head_channels}")
-        if text_width % text_heads:
-            raise ValueError(f"decoder.model.text_width {text_width} is not divisible by text_heads {text_heads}")
-        for name, p in [("dropout", dropout), ("clip_drop_prob", clip_drop_prob), ("text_drop_prob", text_drop_prob)]:
-            if not 0.0 <= p <= 1.0 or (name == "dropout" and p == 1.0):
-                raise ValueError(f"decoder.model.{name} must be a probability (dropout < 1), got {p}")
 
     def drop_masks(self, n: int, device=None, generator: Optional[torch.Generator] = None):
         """Training-time classifier-free-guidance dropout, drawn independently for the two conditions
@@ -343,7 +330,8 @@ class UNet(nn.Module):
 
         clip_in = image_emb * self.clip_scale  # (N, E), unit variance per coordinate
         cond_emb = self.clip_to_emb(clip_in) + self.text_to_emb(eos)  # (N, 4C)
-        clip_ctx = self.clip_token_norm(self.clip_to_tokens(clip_in).view(n, self.clip_tokens, self.text_width))  # (N, K, Wt)
+        clip_ctx = self.clip_to_tokens(clip_in).view(n, self.clip_tokens, self.text_width)  # (N, K, Wt)
+        clip_ctx = self.clip_token_norm(clip_ctx)
         context = torch.cat([clip_ctx, text.to(clip_ctx.dtype)], dim=1)  # (N, K+S, Wt)
         context_mask = torch.cat([mask.new_ones(n, self.clip_tokens), mask], dim=1)  # (N, K+S)
         return cond_emb, context, context_mask
@@ -410,7 +398,8 @@ class UNet(nn.Module):
 
     def attention_stages(self) -> list[tuple[str, "UNetStage"]]:
         """(name, stage) of every stage with context attention, named as in the module tree."""
-        return [(f"{part}.{i}", stage) for part in ("down", "middle", "up") for i, stage in enumerate(getattr(self, part))
+        return [(f"{part}.{i}", stage)
+                for part in ("down", "middle", "up") for i, stage in enumerate(getattr(self, part))
                 if isinstance(stage, UNetStage) and stage.attn is not None]
 
 
@@ -465,8 +454,6 @@ def build_decoder(cfg, vocab_size: int) -> Decoder:
     """The decoder described by a full Config: image size from `cfg.data`, CLIP embedding size and
     caption length from `cfg.clip.model`, the UNet from `cfg.decoder.model`, the process from
     `cfg.decoder.diffusion`; vocab_size from the tokenizer."""
-    from dataclasses import asdict
-
     unet = UNet(image_size=cfg.data.image_size, embed_dim=cfg.clip.model.embed_dim, vocab_size=vocab_size,
                 context_length=cfg.clip.model.context_length, clip_text_width=cfg.clip.model.text_width,
                 **asdict(cfg.decoder.model))
