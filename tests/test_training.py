@@ -164,16 +164,17 @@ def test_time_limit_finishes_early_with_a_final_checkpoint(tmp_path):
 
 
 class FakeClock:
-    """time.perf_counter for dalle2.core.training that advances one second per training step (per batch)."""
+    """time.perf_counter for dalle2.core.training that advances one second per training step (per batch),
+    or seconds(step) seconds."""
 
-    def __init__(self):
-        self.now = 1000.0
+    def __init__(self, seconds=lambda step: 1.0):
+        self.now, self.seconds = 1000.0, seconds
 
     def __call__(self):
         return self.now
 
     def batches(self, step):
-        self.now += 1.0
+        self.now += self.seconds(step)
         return get_batch(step)
 
 
@@ -219,6 +220,62 @@ def test_budget_capped_by_steps_and_resume_keeps_the_sized_schedule(tmp_path, mo
     assert resumed.total_steps == straight.total_steps == 58
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
+
+
+def test_budget_is_sized_again_at_the_end_of_a_long_warm_up(tmp_path, monkeypatch):
+    import dalle2.core.training as training
+    clock = FakeClock(lambda step: 1.0 if step < 25 else 0.5)  # the machine gets faster after the probe
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    trainer = make_trainer(tmp_path, steps=10_000, budget_minutes=1.0, warmup_steps=40, save_every=1000,
+                           log_every=1000)
+    trainer.fit(clock.batches)
+    # probe (steps 5..25, 1 s each): 25 + int(0.96 * 35) = 58, provisional. At step 40: 35 steps in 27.5 s
+    # since step 5, 32.5 s spent: 40 + int(0.96 * 27.5 / (27.5 / 35)) = 73, final
+    sizings = [(r["budget_steps"], r["budget_final"]) for r in map(json.loads, (tmp_path / "clip" /
+               "metrics.jsonl").read_text().splitlines()) if "budget_steps" in r]
+    assert sizings == [(58, False), (73, True)]
+    assert trainer.total_steps == trainer.step == 73
+    final = load_checkpoint(tmp_path / "clip.pt", "clip")
+    assert final["budget_steps"] == 73 and final["budget_final"]
+    assert final["budget_spent_s"] == pytest.approx(32.5 + 33 * 0.5)
+
+
+def test_budget_resumed_in_the_warm_up_counts_the_time_already_spent(tmp_path, monkeypatch):
+    import dalle2.core.training as training
+    clock = FakeClock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    settings = dict(steps=10_000, budget_minutes=2.0, warmup_steps=80, save_every=10)
+    straight = make_trainer(tmp_path / "straight", **settings)
+    straight.fit(clock.batches)
+    # provisional 25 + int(0.96 * 95) = 116; at step 80, 40 s left: 80 + int(0.96 * 40) = 118
+    assert straight.total_steps == 118
+
+    def interrupting(step):
+        if step == 30:
+            raise KeyboardInterrupt
+        return clock.batches(step)
+
+    first = make_trainer(tmp_path / "resumed", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(interrupting)
+    saved = load_checkpoint(tmp_path / "resumed" / "clip" / "checkpoint.pt", "clip")
+    assert (saved["step"], saved["budget_steps"], saved["budget_final"]) == (30, 116, False)
+    clock.now += 10_000  # resumed later: the 30 s spent before count, the pause does not
+    resumed = make_trainer(tmp_path / "resumed", **settings)
+    resumed.fit(clock.batches, resume=True)
+    assert resumed.total_steps == 118  # re-sized at step 80 from 30 s + 50 s spent
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
+
+    # resumed too close to the warm-up's end for a whole probe (30 + 25 > 50): the saved count is final
+    late = dict(settings, warmup_steps=50)
+    first = make_trainer(tmp_path / "late", **late)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(interrupting)
+    resumed = make_trainer(tmp_path / "late", **late)
+    resumed.fit(clock.batches, resume=True)
+    saved = load_checkpoint(tmp_path / "late" / "clip.pt", "clip")
+    assert resumed.total_steps == saved["budget_steps"] == 25 + int(0.96 * 95) and saved["budget_final"]
 
 
 def test_training_speed_and_flops_are_reported(tmp_path, capsys):

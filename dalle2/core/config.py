@@ -68,8 +68,8 @@ class DataConfig:
 class TrainConfig:
     steps: int = _opt(10000, "optimizer steps (with budget_minutes: at most this many)", min=1)
     budget_minutes: float = _opt(0.0, "0 = train for `steps`; > 0 = size the run to this many minutes of training: "
-                                 "throughput is measured over the first steps and the step count fixed so that "
-                                 "warm-up and the whole cosine decay fit", min=0.0)
+                                 "throughput is measured over the first steps (again at the end of warm-up) and "
+                                 "the step count fixed so that warm-up and the whole cosine decay fit", min=0.0)
     batch_size: int = _opt(512, "global batch size (split across DDP ranks)", min=1)
     grad_accum: int = _opt(1, "micro-batches per optimizer step (gradients summed): a small GPU keeps the global "
                            "batch_size", min=1)

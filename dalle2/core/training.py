@@ -74,7 +74,9 @@ class _Objective(nn.Module):
 
 # A budget-sized run (train.budget_minutes > 0) times steps PROBE_SKIP .. PROBE_SKIP + PROBE_STEPS of
 # this process (the first ones compile, benchmark cuDNN and grow the allocator) and keeps a margin for
-# checkpoint writes and timing noise.
+# checkpoint writes and timing noise. When the warm-up is longer than that, the count is provisional and
+# is sized again, from all steps since PROBE_SKIP, at the last warm-up step: the warm-up LR does not
+# depend on the step count, so the run's schedule is the one it would have had if sized there at once.
 PROBE_SKIP, PROBE_STEPS, BUDGET_MARGIN = 5, 20, 0.96
 
 
@@ -195,9 +197,12 @@ class Trainer:
         self.ema = EMA(self.model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.step = 0
         # The step count the LR schedule runs to: train.steps, or what fits in train.budget_minutes
-        # (fixed once, after the throughput probe, and saved in the checkpoint so a resume is exact).
+        # (sized after the throughput probe, final by the end of warm-up, saved in the checkpoint so a
+        # resume continues the same schedule). budget_spent: seconds of earlier processes of this run.
         self.total_steps = train_cfg.steps
-        self.sized = train_cfg.budget_minutes <= 0
+        self.sized = train_cfg.budget_minutes <= 0  # the step count is final
+        self.provisional = False  # a budget count is set but may still be re-sized before warm-up ends
+        self.budget_spent, self._t_loop = 0.0, None
         objective = _Objective(self.model)
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -217,7 +222,10 @@ class Trainer:
             "stage": self.stage, "format": FORMAT, "step": self.step, "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
             "model": self.eval_model.state_dict(), "extra": self.extra,
-            "budget_steps": self.total_steps if self.tc.budget_minutes > 0 and self.sized else None,
+            "budget_steps": self.total_steps if self.tc.budget_minutes > 0 and (self.sized or self.provisional)
+            else None,
+            "budget_final": self.sized,
+            "budget_spent_s": self.budget_spent + (time.perf_counter() - self._t_loop if self._t_loop else 0.0),
         }
         if not final:
             payload.update({
@@ -262,7 +270,12 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.step = int(ckpt["step"])
         if self.tc.budget_minutes > 0 and ckpt.get("budget_steps"):  # keep the schedule the run was sized to
-            self.total_steps, self.sized = int(ckpt["budget_steps"]), True
+            self.total_steps = int(ckpt["budget_steps"])
+            # Saved during the warm-up before its final sizing: sized again at the warm-up's last step if a
+            # whole probe of this process fits before it, else the saved count is final.
+            self.sized = ckpt.get("budget_final", True) or self.step + PROBE_SKIP + PROBE_STEPS > self.tc.warmup_steps
+            self.provisional = not self.sized
+            self.budget_spent = float(ckpt.get("budget_spent_s", 0.0))
         self.extra = {**(ckpt.get("extra") or {}), **self.extra}
         if self.dist.is_main and self.metrics_path.exists():  # drop lines logged after the saved step
             trim_metrics(self.metrics_path, self.step, self.print)
@@ -349,6 +362,7 @@ class Trainer:
         their intervals. Ctrl-C (or SIGTERM) saves the resume checkpoint, then propagates."""
         self.model.train()
         w = _Window.open(self.device, self.step)
+        self._t_loop = w.t_start
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True)
         try:
@@ -412,12 +426,16 @@ class Trainer:
             return training_flops(counted, micro[0][0]) * len(micro) * self.dist.world_size
 
     def _clock(self, w: _Window, bar) -> None:
-        """Start the steady-state clock after PROBE_SKIP steps; size the run to the budget once measured."""
-        if self.step - w.speed["start_step"] == PROBE_SKIP:  # steady-state speed from here on
+        """Start the steady-state clock after PROBE_SKIP steps; size the run to the budget once the probe
+        is measured (provisional if the warm-up is longer) and again, finally, at the warm-up's last step."""
+        done = self.step - w.speed["start_step"]
+        if done == PROBE_SKIP:  # steady-state speed from here on
             _sync(self.device)
             w.speed["t0"], w.speed["step0"] = time.perf_counter(), self.step
-        if not self.sized:
-            self._size_to_budget(w.speed, w.t_start, bar)
+        if self.sized or done < PROBE_SKIP + PROBE_STEPS:
+            return
+        if not self.provisional or self.step >= self.tc.warmup_steps:
+            self._size_to_budget(w.speed, w.t_start, bar, final=self.step >= self.tc.warmup_steps)
 
     def _out_of_time(self, w: _Window, time_limit: Optional[float]) -> bool:
         out_of_time = time_limit is not None and time.perf_counter() - w.t_start > 60 * time_limit
@@ -458,33 +476,35 @@ class Trainer:
             self._run_callback(sample, "sample")
         self.print(f"[{self.stage}] done: {self.final_path}")
 
-    def _size_to_budget(self, speed: dict, t_start: float, bar) -> None:
-        """Fix self.total_steps from the speed of this process's steps PROBE_SKIP .. PROBE_SKIP +
-        PROBE_STEPS, so that the whole warm-up + cosine schedule ends inside train.budget_minutes
-        (capped at train.steps). Two device syncs in the whole run; rank 0's count is used by all ranks.
-        Evaluations and sample grids inside the loop are not in the estimate (budget runs evaluate at
-        the end)."""
-        if self.step - speed["start_step"] < PROBE_SKIP + PROBE_STEPS:  # speed["t0"] is at PROBE_SKIP
-            return
+    def _size_to_budget(self, speed: dict, t_start: float, bar, final: bool) -> None:
+        """Set self.total_steps from the speed of this process's steps since PROBE_SKIP, so that the whole
+        warm-up + cosine schedule ends inside train.budget_minutes (capped at train.steps). At most three
+        device syncs in the whole run; rank 0's count is used by all ranks. Evaluations and sample grids
+        inside the loop are not in the estimate (budget runs evaluate at the end)."""
         _sync(self.device)
         now = time.perf_counter()
-        per_step = (now - speed["t0"]) / PROBE_STEPS
-        remaining = 60 * self.tc.budget_minutes - (now - t_start)
+        measured = self.step - speed["step0"]  # speed["t0"] is at PROBE_SKIP
+        per_step = (now - speed["t0"]) / measured
+        remaining = 60 * self.tc.budget_minutes - self.budget_spent - (now - t_start)
         total = self.step + max(0, int(BUDGET_MARGIN * remaining / per_step))
         total = max(self.step, min(self.tc.steps, total))
         if self.dist.world_size > 1:
             t = torch.tensor(total, device=self.device)
             dist.broadcast(t, src=0)
             total = int(t.item())
-        self.total_steps, self.sized = total, True
+        again = self.provisional
+        self.total_steps, self.sized, self.provisional = total, final, not final
         bar.total = total
         bar.refresh()
         ips = self.tc.batch_size / per_step
         note = ("" if total >= 2 * self.tc.warmup_steps
                 else f" (less than twice the {self.tc.warmup_steps} warm-up steps)")
+        note += "" if final else f"; sized again at the end of warm-up (step {self.tc.warmup_steps})"
         self.print(f"[{self.stage}] budget {self.tc.budget_minutes:g} min: {1 / per_step:.1f} steps/s "
-                   f"({ips:.0f} images/s) measured, so {total} steps{note}")
-        self.log({"step": self.step, "budget_steps": total, "steps_per_s": 1 / per_step, "images_per_s": ips})
+                   f"({ips:.0f} images/s) measured over {measured} steps, so {total} steps"
+                   f"{' (re-sized)' if again else ''}{note}")
+        self.log({"step": self.step, "budget_steps": total, "budget_final": final, "steps_per_s": 1 / per_step,
+                  "images_per_s": ips})
 
     def _report_speed(self, speed: dict) -> None:
         """Print and log the steady-state training speed (after the first PROBE_SKIP steps of this
