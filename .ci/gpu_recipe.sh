@@ -12,17 +12,25 @@
 # .ci/gpu_bench.sh on the trained weights. OUTDIR gets at most 8 files (what a device call returns):
 # log.txt, clip|prior|decoder.safetensors, meta.tgz (configs, tokenizer, model index and card of the
 # exported model), grid.png, report.tgz (reports and metrics) and, with BENCH=1, bench.tgz.
+# SWEEP=1 then runs the sampler sweep on the trained weights (`python -m dalle2.evaluation.sweep --settings`:
+# 50/64-step DDIM, run twice for its noise, against DPM-Solver++(2M) at fewer steps; SWEEP_SETTINGS,
+# SWEEP_N captions, at most SWEEP_S seconds); its sweep.md names the fewest steps at DDIM's quality and
+# lands in report.tgz. SKIP_TRAIN=1 keeps RUN_DIR as it is and runs only SWEEP/BENCH on it (a second
+# call on a still-warm machine).
 set -uo pipefail
 out=$(realpath -m "${1:?output folder}")
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
 run=${RUN_DIR:-/tmp/recipe_run}; data=${DATA_DIR:-/tmp/recipe_shapes}
-mkdir -p "$out"; rm -rf "$run"
+mkdir -p "$out"; [ "${SKIP_TRAIN:-0}" = 1 ] || rm -rf "$run"
 exec > >(tee -a "$out/log.txt") 2>&1
 if [ "${SMOKE:-0}" = 1 ]; then
+  sweep_settings=${SWEEP_SETTINGS:-ddim:4:4,dpmpp2m:2:2}; sweep_n=${SWEEP_N:-8}
   preset=tiny; clip_min=${CLIP_MIN:-0.15}; prior_min=${PRIOR_MIN:-0.1}; dec_min=${DECODER_MIN:-0.15}; eval_n=${EVAL_N:-16}
   size=(data.n_train=512 data.n_test=64 prior.train.compile=true)  # the compiled path, on the smallest stage
 else
+  sweep_settings=${SWEEP_SETTINGS:-ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:20:20,dpmpp2m:15:64}
+  sweep_n=${SWEEP_N:-300}
   preset=shapes32; clip_min=${CLIP_MIN:-1.3}; prior_min=${PRIOR_MIN:-0.8}; dec_min=${DECODER_MIN:-4.0}; eval_n=${EVAL_N:-600}
   size=()
 fi
@@ -55,6 +63,12 @@ EOF
   tar czf "$out/meta.tgz" -C "${out}_meta" . 2>/dev/null
 }
 
+pack_report() {  # the reports and metrics as they stand
+  tar czf "$out/report.tgz" -C "$run" report clip/metrics.jsonl prior/metrics.jsonl decoder/metrics.jsonl \
+    clip/config.yml decoder/samples 2>/dev/null
+}
+
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
 log "data: shapes for preset $preset into $data"
 python3 -c "
 from dalle2.core.config import load_config; from data.datasets import load_dataset
@@ -83,13 +97,20 @@ mkdir -p "$run/report"
 python3 clip/evaluate.py --checkpoint "$run/clip.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/clip_eval.txt"
 python3 dalle2/prior/evaluate.py --checkpoint "$run/prior.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/prior_eval.txt"
 python3 -m dalle2.evaluation.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tail -60
-tar czf "$out/report.tgz" -C "$run" report clip/metrics.jsonl prior/metrics.jsonl decoder/metrics.jsonl \
-  clip/config.yml decoder/samples 2>/dev/null
+pack_report
 
 log "export: the pretrained folder (model card from the report)"
 python3 -m dalle2.export "$run" "$run/pretrained" --half --command "SMOKE=${SMOKE:-0} bash .ci/gpu_recipe.sh (preset $preset, budgets clip $clip_min / prior $prior_min / decoder $dec_min min)" 2>&1 | tail -5
 for s in clip prior decoder; do cp "$run/pretrained/$s/model.safetensors" "$out/$s.safetensors" 2>/dev/null; done
 tar czf "$out/meta.tgz" -C "$run/pretrained" --exclude=model.safetensors . 2>/dev/null
+fi  # SKIP_TRAIN
+if [ "${SWEEP:-0}" = 1 ]; then  # which sampler and step counts keep DDIM 50/64's quality (the defaults)
+  log "sampler sweep: $sweep_settings on $sweep_n captions (at most ${SWEEP_S:-240} s)"
+  timeout "${SWEEP_S:-240}" python3 -m dalle2.evaluation.sweep --checkpoints "$run" --out "$run/report/sweep" \
+    --guidance "${SWEEP_GUIDANCE:-3}" --settings "$sweep_settings" --limit "$sweep_n" --preset "$preset" "${sets[@]}" \
+    2>&1 | bars_out | tail -30
+  pack_report
+fi
 if [ "${BENCH:-0}" = 1 ]; then  # the sampling timings on the weights just trained, back to back
   log "sampling benchmark on the trained weights (.ci/gpu_bench.sh)"
   BENCH_ARGS="--checkpoints $run ${BENCH_ARGS:-}" bash .ci/gpu_bench.sh "$run/bench" 2>&1 | tail -40

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dalle2.evaluation.metrics import caption_match
-from dalle2.evaluation.sweep import recommend
+from dalle2.evaluation.sweep import fewest_steps, recommend, step_reference
 
 
 def test_perfect_wrong_and_chance_matches():
@@ -59,3 +59,30 @@ def test_sweep_recommends_by_caption_match_without_a_reader():
     shapes = [{"sets": {"test": {"faithfulness": {"all": {"exact": e}}, "caption_match": {"r_precision": 1 - e}}},
                "distance": {"clip_fd": 1.0}} for e in (0.3, 0.5)]
     assert recommend(shapes) == 1  # with a reader, exact match decides
+
+
+def test_sweep_finds_the_fewest_steps_within_run_to_run_noise():
+    def result(sampler, steps, prior_steps, exact, fd, guidance=3.0):
+        return {"settings": {"guidance_scale": guidance, "prior_guidance_scale": 1.0, "sampler": sampler,
+                             "steps": steps, "prior_steps": prior_steps},
+                "sets": {"test": {"n_images": 500, "faithfulness": {"all": {"exact": exact}}}},
+                "distance": {"clip_fd": fd}}
+    results = [result("dpmpp2m", 10, 10, 0.85, 0.021),  # 0.05 below: more than 2 standard errors (0.038)
+               result("dpmpp2m", 15, 10, 0.89, 0.030),  # exact match fine, CLIP FD too far
+               result("dpmpp2m", 15, 15, 0.88, 0.023),  # equal within both tolerances
+               result("ddim", 15, 15, 0.80, 0.040),
+               result("dpmpp2m", 20, 20, 0.90, 0.021),  # equal, but more steps
+               result("dpmpp2m", 50, 64, 0.91, 0.019),
+               result("ddim", 50, 64, 0.90, 0.020),     # the reference: DDIM with the most steps
+               result("dpmpp2m", 5, 5, 0.95, 0.010, guidance=5.0)]  # another guidance: not compared
+    ref = step_reference([r["settings"] for r in results])
+    assert ref == 6
+    repeat = result("ddim", 50, 64, 0.89, 0.022)  # another seed: spread 0.01 exact, 0.002 CLIP FD
+    found = fewest_steps(results, ref, [repeat])
+    assert (found["fewest"]["sampler"], found["fewest"]["steps"], found["fewest"]["prior_steps"]) == ("dpmpp2m", 15, 15)
+    assert found["fd_tolerance"] == pytest.approx(0.004)
+    assert [c["equal"] for c in found["checked"]] == [False, False, True, False, True, True, True]
+    assert found["checked"][0]["tolerance"] == pytest.approx(2 * (0.09 * 2 / 500) ** 0.5)
+    # without a repeat there is no CLIP FD check: 15/10 passes on exact match and has fewer prior steps
+    assert fewest_steps(results, ref, [])["fewest"]["prior_steps"] == 10
+    assert step_reference([result("ddim", 50, 64, 0.9, 0.02, guidance=g)["settings"] for g in (1, 3)]) is None

@@ -4,26 +4,39 @@ faithfulness against diversity and distance, and recommend a setting.
     python -m dalle2.evaluation.sweep --checkpoints runs --guidance 1,2,3,5 [--prior-guidance 1] [--steps 50]
                            [--limit 200] [--out runs/sweep]
     python -m dalle2.evaluation.sweep --checkpoints runs --guidance 3 --samplers ddim,dpmpp2m --steps 10,15,20,50 \\
-                           --prior-steps 10,20,64    # samplers and step counts (decoder, prior)
+                           --prior-steps 10,20,64    # samplers and step counts (decoder, prior): every combination
+    python -m dalle2.evaluation.sweep --checkpoints runs --guidance 3 \\
+                           --settings ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:15:64   # just these
 
 Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. The recommended setting has the highest
 image-level exact match on the test captions (shapes data); on data without an attribute reader
 (CIFAR-10, user folders) the highest R-precision with the run's own CLIP, then CLIP score. Ties: the
 lower CLIP Frechet distance.
+
+When samplers or step counts vary, it also names the fewest steps at the quality of the reference, the
+DDIM setting with the most steps (else the setting with the most steps): the reference is sampled again
+with --noise-runs other seeds (default 1) to measure run-to-run noise, and a setting at the reference's
+guidance counts as equal when its exact match (R-precision without a reader) is at most max(2 standard
+errors of a difference of two proportions, the spread of the reference's runs) lower and its CLIP
+Frechet distance at most twice that spread higher. Fewest means fewest decoder steps (a decoder step
+costs about 70 prior steps at the shapes32 sizes), then fewest prior steps.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
 from pathlib import Path
+from typing import Optional
 
 from dalle2.core.cli import main_wrapper
-from dalle2.core.config import add_config_args
+from dalle2.core.config import SamplingConfig, add_config_args
 from dalle2.core.files import atomic_write_text
 from dalle2.core.plots import scatter_plot
 from dalle2.core.runtime import pick_device
 from dalle2.diffusion import SAMPLERS
+from dalle2.evaluation.benchmark import parse_settings
 from dalle2.evaluation.evaluate import RealFeatures, evaluate_settings, load_everything
 
 
@@ -54,6 +67,59 @@ def recommend(results: list[dict]) -> int:
     return max(range(len(results)), key=key)
 
 
+def _quality(result: dict) -> tuple[float, int]:
+    """The proportion the step comparison reads (exact match, or R-precision without a reader) and
+    the number of images it is over."""
+    one = next(iter(result["sets"].values()))
+    em = exact_match(result)
+    return (em if em is not None else caption_match(result).get("r_precision", float("nan"))), one["n_images"]
+
+
+def _same_guidance(a: dict, b: dict) -> bool:
+    return (a["guidance_scale"], a["prior_guidance_scale"]) == (b["guidance_scale"], b["prior_guidance_scale"])
+
+
+def step_reference(settings: list[dict]) -> Optional[int]:
+    """Index of the reference of a step comparison: the DDIM setting with the most (decoder, prior)
+    steps, else the setting with the most steps; None when samplers and step counts do not vary."""
+    if len({(st["sampler"], st["steps"], st["prior_steps"]) for st in settings}) < 2:
+        return None
+    ddim = [i for i, st in enumerate(settings) if st["sampler"] == "ddim"] or list(range(len(settings)))
+    return max(ddim, key=lambda i: (settings[i]["steps"], settings[i]["prior_steps"]))
+
+
+def fewest_steps(results: list[dict], ref: int, repeats: list[dict]) -> dict:
+    """The fewest-step setting at the reference's quality (see the module docstring), with the
+    tolerances used and, for every setting at the reference's guidance, whether it passed."""
+    q_ref, n_ref = _quality(results[ref])
+    runs = [results[ref]] + repeats
+    spread_q = max(_quality(r)[0] for r in runs) - min(_quality(r)[0] for r in runs)
+    fds = [r["distance"]["clip_fd"] for r in runs]
+    spread_fd = max(fds) - min(fds)
+    fd_ref = results[ref]["distance"]["clip_fd"]
+    checked = []
+    for i, r in enumerate(results):
+        st = r["settings"]
+        if not _same_guidance(st, results[ref]["settings"]):
+            continue
+        q, n = _quality(r)
+        se = math.sqrt(max(q_ref * (1 - q_ref), 1e-12) * (1 / n_ref + 1 / n))
+        tol_q = max(2 * se, spread_q)
+        ok_q = q >= q_ref - tol_q
+        ok_fd = not repeats or r["distance"]["clip_fd"] <= fd_ref + 2 * spread_fd
+        checked.append({"index": i, "settings": st, "quality": q, "tolerance": tol_q,
+                        "clip_fd": r["distance"]["clip_fd"], "equal": bool(ok_q and ok_fd)})
+    equal = [c for c in checked if c["equal"]]
+    best = min(equal, key=lambda c: (c["settings"]["steps"], c["settings"]["prior_steps"], -c["quality"]))
+    return {"reference": results[ref]["settings"], "reference_quality": q_ref, "reference_clip_fd": fd_ref,
+            "noise_runs": len(repeats), "spread_quality": spread_q, "spread_clip_fd": spread_fd,
+            "fd_tolerance": 2 * spread_fd if repeats else None, "fewest": best["settings"], "checked": checked}
+
+
+def _label(st: dict) -> str:
+    return f"{st['sampler']} {st['steps']}/{st['prior_steps']}"
+
+
 def guidance_lines(settings: list[dict]) -> list[list[int]]:
     """Indices of the settings that differ only in decoder guidance, each group in guidance order:
     the plot joins them, so one line shows what raising the guidance does."""
@@ -69,12 +135,18 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="default: CHECKPOINTS/sweep")
     p.add_argument("--guidance", default="1,2,3,5", help="decoder guidance scales")
     p.add_argument("--prior-guidance", default="1", help="prior guidance scales")
-    p.add_argument("--steps", default="50", help="decoder step counts")
+    p.add_argument("--steps", default=None, help="decoder step counts (default 50)")
     p.add_argument("--prior-steps", default=None, help="prior step counts (default: the checkpoint's)")
     p.add_argument("--samplers", default=None,
                    help="samplers to compare, e.g. ddim,dpmpp2m (default: the checkpoint's)")
+    p.add_argument("--settings", default=None,
+                   help="SAMPLER:STEPS[:PRIOR_STEPS] (or default) list, e.g. ddim:50:64,dpmpp2m:15:15: these "
+                        "instead of every combination of --samplers, --steps and --prior-steps")
     p.add_argument("--limit", type=int, default=None, help="test captions per setting (default 500 on GPU, 64 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-runs", type=int, default=1,
+                   help="when samplers or step counts vary: how many more seeds the reference setting is "
+                        "sampled at, to measure run-to-run noise (0: binomial error only, no CLIP FD check)")
     p.add_argument("--device", default="auto")
     p.add_argument("--reader-cache", default=None)
     add_config_args(p)  # where the data is: the user's config, never the checkpoints'
@@ -82,6 +154,11 @@ def main(argv=None):
     samplers = [s.strip() for s in (args.samplers or "").split(",") if s.strip()]
     if any(s not in SAMPLERS for s in samplers):  # before anything is loaded
         raise SystemExit(f"error: --samplers {args.samplers}: each must be one of {', '.join(SAMPLERS)}")
+    if args.settings is not None:  # checked before anything is loaded
+        if args.samplers or args.steps or args.prior_steps:
+            raise SystemExit("error: --settings lists sampler and steps itself: drop --samplers, --steps and "
+                             "--prior-steps")
+        parse_settings(args.settings, SamplingConfig())
     device = pick_device(args.device)
     limit = args.limit or (500 if device.type == "cuda" else 64)
     model, reader, prompt_sets, real_test, real_train = load_everything(
@@ -89,9 +166,15 @@ def main(argv=None):
     real = RealFeatures.compute(model, real_test, real_train)  # once: every setting is compared with them
     ints = lambda text: [int(s) for s in text.split(",") if s.strip()]  # noqa: E731
     samplers = samplers or [model.sampling.sampler]
-    grid = list(itertools.product(_floats(args.guidance), _floats(args.prior_guidance), ints(args.steps),
-                                  ints(args.prior_steps) if args.prior_steps else [model.sampling.prior_steps],
-                                  samplers))
+    if args.settings is not None:
+        listed = parse_settings(args.settings, model.sampling)
+        chosen = [(st["steps"], st["prior_steps"], st["sampler"]) for st in listed]
+    else:
+        chosen = list(itertools.product(ints(args.steps or "50"),
+                                        ints(args.prior_steps) if args.prior_steps else [model.sampling.prior_steps],
+                                        samplers))
+    grid = [(g, pg, *st) for g, pg, st in itertools.product(_floats(args.guidance), _floats(args.prior_guidance),
+                                                              chosen)]
     results = []
     for i, (g, pg, steps, prior_steps, sampler) in enumerate(grid, 1):
         settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps, "prior_steps": prior_steps,
@@ -103,12 +186,23 @@ def main(argv=None):
               f"CLIP FD {r['distance']['clip_fd']:.4f}, "
               f"diversity {r['diversity']['clip_pairwise_distance']:.4f}")
     best = recommend(results)
+    ref = step_reference([r["settings"] for r in results])
+    steps_summary = None
+    if ref is not None:
+        repeats = []
+        for k in range(1, args.noise_runs + 1):
+            print(f"[reference, seed {args.seed + k}] {results[ref]['settings']}")
+            repeats.append(evaluate_settings(model, reader, prompt_sets, results[ref]["settings"], real=real,
+                                             seed=args.seed + k))
+            print(f"    exact match {exact_match(repeats[-1])}, CLIP FD {repeats[-1]['distance']['clip_fd']:.4f}")
+        steps_summary = fewest_steps(results, ref, repeats)
     out = Path(args.out) if args.out else Path(args.checkpoints) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     labels = [f"g{r['settings']['guidance_scale']:g}/p{r['settings']['prior_guidance_scale']:g}"
               f"/s{r['settings']['steps']}"
               + f"/ps{r['settings']['prior_steps']}" * (len({x['settings']['prior_steps'] for x in results}) > 1)
-              + f"/{r['settings']['sampler']}" * (len(samplers) > 1) for r in results]
+              + f"/{r['settings']['sampler']}" * (len({x['settings']['sampler'] for x in results}) > 1)
+              for r in results]
     em = [exact_match(r) if exact_match(r) is not None else float("nan") for r in results]
     div = [r["diversity"]["clip_pairwise_distance"] for r in results]
     fd = [r["distance"]["clip_fd"] for r in results]
@@ -122,7 +216,7 @@ def main(argv=None):
         {"title": f"{y_label} vs distance to real", "xlabel": "CLIP Frechet distance", "ylabel": y_label,
          "points": list(zip(fd, ys, labels)), "highlight": best, "lines": lines},
     ], out / "sweep.png")
-    summary = {"recommended": results[best]["settings"], "results": [
+    summary = {"recommended": results[best]["settings"], "fewest_steps": steps_summary, "results": [
         {"settings": r["settings"], "exact_match": exact_match(r), "caption_match": caption_match(r) or None,
          "diversity": r["diversity"],
          "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]}
@@ -134,6 +228,17 @@ def main(argv=None):
     lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {r_:.3f} | {c:.2f} | {f:.4f} | {d:.4f} "
               f"| {r['seconds']:.1f} |"
               for i, (lab, e, r_, c, f, d, r) in enumerate(zip(labels, em, rp, cs, fd, div, results))]
+    if steps_summary is not None:
+        f = steps_summary
+        fd_rule = (f"CLIP FD at most {f['fd_tolerance']:.4f} above {f['reference_clip_fd']:.4f}" if f["noise_runs"]
+                   else "no CLIP FD check (--noise-runs 0)")
+        lines += ["", f"Fewest steps at the quality of {_label(f['reference'])} ({f['noise_runs']} more seed(s) of it: "
+                  f"spread {f['spread_quality']:.3f} in {'exact match' if reader is not None else 'R-precision'}, "
+                  f"{f['spread_clip_fd']:.4f} in CLIP FD; equal = at most the tolerance below "
+                  f"{f['reference_quality']:.3f}, {fd_rule}): **{_label(f['fewest'])}**", "",
+                  "| setting | quality | tolerance | CLIP FD | equal |", "|---|---|---|---|---|"]
+        lines += [f"| {_label(c['settings'])} | {c['quality']:.3f} | {c['tolerance']:.3f} | {c['clip_fd']:.4f} "
+                  f"| {'yes' if c['equal'] else 'no'} |" for c in f["checked"]]
     atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
     print("\n".join(lines) + f"\nrecommended: {results[best]['settings']} -> {out}/sweep.png")
     return summary
