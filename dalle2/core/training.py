@@ -218,12 +218,12 @@ class Trainer:
 
     # -- checkpoints --
     def _payload(self, final: bool) -> dict:
+        budgeted = self.tc.budget_minutes > 0 and (self.sized or self.provisional)  # a budget count is set
         payload = {
             "stage": self.stage, "format": FORMAT, "step": self.step, "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
             "model": self.eval_model.state_dict(), "extra": self.extra,
-            "budget_steps": self.total_steps if self.tc.budget_minutes > 0 and (self.sized or self.provisional)
-            else None,
+            "budget_steps": self.total_steps if budgeted else None,
             "budget_final": self.sized,
             "budget_spent_s": self.budget_spent + (time.perf_counter() - self._t_loop if self._t_loop else 0.0),
         }
