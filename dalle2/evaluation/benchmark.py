@@ -4,6 +4,7 @@
     python -m dalle2.evaluation.benchmark --checkpoints runs                # trained models
     python -m dalle2.evaluation.benchmark --preset tiny --device cpu --batch-sizes 8 --single 1
     python -m dalle2.evaluation.benchmark --settings default,ddim:50:50,dpmpp2m:15:15 --jsonl bench.jsonl
+    python -m dalle2.evaluation.benchmark --checkpoints runs --device cpu --cold 8 --quality runs/sweep/sweep.json
 
 Speed does not depend on the weights, so without checkpoints the models are built at the preset's
 sizes with random weights. `--settings` lists what is timed: "default" (the sampling config: its
@@ -15,6 +16,12 @@ glue. One warm-up run per row is not timed. On CUDA the networks run with bf16 w
 decoder in channels_last (`DALLE2.lean`, `--precision fp32` to compare); fp32 on the CPU.
 Targets: >= 1,000 images/s at batch 256 on one H200, <= 0.1 s for one image.
 
+`--cold N` adds a row per setting for what a user waits for: a fresh `python sample.py` process drawing
+N images of one caption from the weights (--checkpoints, else the shipped ones), interpreter start,
+imports, loading, sampling and writing the PNGs and grid included (target: 8 images in < 30 s on a
+2-core CPU). `--quality SWEEP_JSON` puts the exact match and CLIP Frechet distance that
+`python -m dalle2.evaluation.sweep` measured for the same setting and guidance beside its times.
+
 Before the timings it prints what one image costs at each setting whatever the hardware: GFLOP (matrix
 products and convolutions, torch.utils.flop_counter) and dispatched PyTorch operations (about one GPU
 kernel launch each, which is what bounds a single image on a GPU). Both are counted on runs of 3-4
@@ -25,7 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from importlib.util import find_spec
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -39,6 +51,7 @@ from dalle2.core.runtime import pick_device
 from dalle2.core.tokenizer import Tokenizer
 from dalle2.decoder import build_decoder
 from dalle2.diffusion import SAMPLERS
+from dalle2.pretrained import SHIPPED
 from dalle2.prior import build_prior
 from dalle2.unclip import DALLE2
 from data.captioned import CaptionedImages, StepBatches, build_caption_table
@@ -133,6 +146,43 @@ def time_generate(model, n: int, batch_size: int, setting: dict, guidance: Optio
     return sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
 
 
+def time_cold_start(checkpoints, n: int, setting: dict, guidance: Optional[float], device: str,
+                    repeats: int) -> float:
+    """Median wall-clock seconds of a fresh `python sample.py` process drawing n images of one caption
+    at `setting` from `checkpoints` (start-up, loading and writing the files included)."""
+    runs = []
+    for r in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, find_spec("sample").origin, CAPTIONS[0], "--n", str(n), "--out", out,
+                   "--checkpoints", str(checkpoints), "--device", device, "--sampler", setting["sampler"],
+                   "--steps", str(setting["steps"]), "--prior-steps", str(setting["prior_steps"]), "--seed", str(r)]
+            if guidance is not None:
+                cmd += ["--guidance-scale", str(guidance), "--prior-guidance-scale", str(guidance)]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            runs.append(time.perf_counter() - t0)
+        if done.returncode != 0:
+            raise SystemExit(f"error: --cold: sample.py failed ({' '.join(cmd)}):\n{done.stderr.strip()[-2000:]}")
+    return sorted(runs)[len(runs) // 2]
+
+
+def sweep_quality(path, settings: list[dict], guidance: tuple[float, float]) -> list[Optional[dict]]:
+    """Per setting, {"exact_match", "clip_fd"} of the sweep.json row with the same sampler, step counts
+    and (decoder, prior) guidance, or None when the sweep has no such row."""
+    try:
+        results = json.loads(Path(path).read_text())["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --quality {path}: not a sweep.json of python -m dalle2.evaluation.sweep ({e})")
+    found = []
+    for s in settings:
+        rows = [r for r in results if (r["settings"]["sampler"], r["settings"]["steps"], r["settings"]["prior_steps"],
+                                       r["settings"]["guidance_scale"], r["settings"]["prior_guidance_scale"])
+                == (s["sampler"], s["steps"], s["prior_steps"], *guidance)]
+        found.append({"exact_match": rows[0]["exact_match"], "clip_fd": (rows[0].get("distance") or {}).get("clip_fd")}
+                     if rows else None)
+    return found
+
+
 class _OpCounter(TorchDispatchMode):
     """Counts the aten operations dispatched inside it."""
 
@@ -205,7 +255,13 @@ def main(argv=None):
     p.add_argument("--cost", type=int, default=1, help="also count GFLOP and operations per image (1) or not (0)")
     p.add_argument("--data", type=int, default=1, help="also time the training data path (1) or not (0)")
     p.add_argument("--jsonl", default=None, help="append one JSON line per timed row to this file, as it goes")
+    p.add_argument("--cold", type=int, default=0,
+                   help="also time a fresh `python sample.py` drawing this many images (start-up included)")
+    p.add_argument("--quality", default=None, help="a sweep.json: its exact match and CLIP FD beside the times")
     args = p.parse_args(argv)
+    weights_dir = args.checkpoints or (SHIPPED if SHIPPED.is_dir() else None)
+    if args.cold and weights_dir is None:
+        raise SystemExit("error: --cold needs weights to load: pass --checkpoints (no shipped weights in this copy)")
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     if args.checkpoints:
@@ -216,6 +272,9 @@ def main(argv=None):
         model = random_pipeline(cfg, device)
         source = f"preset {cfg.preset} (random weights)"
     settings = parse_settings(args.settings, model.sampling)
+    pair = ((args.guidance_scale, args.guidance_scale) if args.guidance_scale is not None else
+            (model.sampling.guidance_scale, model.sampling.prior_guidance_scale))
+    quality = sweep_quality(args.quality, settings, pair) if args.quality else [None] * len(settings)
     model.eval()
     model.lean({"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision])
     weights = next(model.decoder.unet.parameters()).dtype
@@ -243,26 +302,40 @@ def main(argv=None):
               f"{cost['decoder_ops_per_step']:.0f} ops, "
               f"prior {cost['prior_gflop_per_step']:.2f} GFLOP / {cost['prior_ops_per_step']:.0f} ops)")
     print()
-    header = (f"{'setting':<22}{'case':<14}{'images':>7}{'seconds':>9}"
-              f"{'prior s':>9}{'decoder s':>10}{'other s':>9}{'images/s':>10}")
+    if args.cold:
+        print(f"cold start: a fresh `python sample.py` with {weights_dir}")
+    if args.quality:
+        print(f"quality: {args.quality} at guidance {pair[0]:g} decoder / {pair[1]:g} prior (- = not in the sweep)")
+    header = (f"{'setting':<22}{'case':<16}{'images':>7}{'seconds':>9}"
+              f"{'prior s':>9}{'decoder s':>10}{'other s':>9}{'images/s':>10}"
+              + (f"{'exact':>8}{'CLIP FD':>9}" if args.quality else ""))
     print(header, flush=True)
     cases = (([("single image", 1)] if args.single else [])
-             + [(f"batch {b}", int(b)) for b in args.batch_sizes.split(",") if b])
+             + [(f"batch {b}", int(b)) for b in args.batch_sizes.split(",") if b]
+             + ([(f"cold start, {args.cold}", args.cold)] if args.cold else []))
     rows = []
-    for s in settings:
+    for s, q in zip(settings, quality):
         for case, n in cases:
-            r = time_generate(model, n, n, s, args.guidance_scale, args.repeats)
+            if case.startswith("cold"):
+                r = {"seconds": time_cold_start(weights_dir, n, s, args.guidance_scale, args.device, args.repeats),
+                     "prior": None, "decoder": None, "other": None}
+            else:
+                r = time_generate(model, n, n, s, args.guidance_scale, args.repeats)
             row = {"setting": s["name"], "case": case, "images": n, **r, "images_per_s": n / r["seconds"],
-                   "device": hw, "pipeline": source}
+                   "device": hw, "pipeline": source, **(q or {})}
             rows.append(row)
-            print(f"{s['name']:<22}{case:<14}{n:>7}{r['seconds']:>9.3f}{r['prior']:>9.3f}{r['decoder']:>10.3f}"
-                  f"{r['other']:>9.3f}{n / r['seconds']:>10.1f}", flush=True)
+            split = "".join(f"{r[k]:>{w}.3f}" if r[k] is not None else f"{'-':>{w}}"
+                            for k, w in (("prior", 9), ("decoder", 10), ("other", 9)))
+            measured = ("".join(f"{q[k]:>{w}.{d}f}" if q and q[k] is not None else f"{'-':>{w}}"
+                                for k, w, d in (("exact_match", 8, 3), ("clip_fd", 9, 4))) if args.quality else "")
+            print(f"{s['name']:<22}{case:<16}{n:>7}{r['seconds']:>9.3f}{split}{n / r['seconds']:>10.1f}{measured}",
+                  flush=True)
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(row) + "\n")
     if args.data:
         ips = data_throughput(device)
-        print(f"{'training data path':<36}{512:>7}{512 / ips:>9.3f}{'':>28}{ips:>10.1f}")
+        print(f"{'training data path':<38}{512:>7}{512 / ips:>9.3f}{'':>28}{ips:>10.1f}")
     return rows
 
 
