@@ -17,6 +17,18 @@
 # SWEEP_N captions, at most SWEEP_S seconds); its sweep.md names the fewest steps at DDIM's quality and
 # lands in report.tgz. SKIP_TRAIN=1 keeps RUN_DIR as it is and runs only SWEEP/BENCH on it (a second
 # call on a still-warm machine).
+#
+# STOP_AT=SECONDS makes the run fit a device call: everything is done SECONDS after the script starts.
+# The decoder, trained last, gets DECODER_MIN or the time left less AFTER_S (the seconds the grid,
+# evaluations, export and sweep after it need; default 110, 190 with SWEEP=1), whichever is less; the
+# sweep and the benchmark get at most the time left. If CLIP fails the run stops at once (every later
+# stage needs it), so a broken run returns in seconds, not minutes.
+#
+# The device plan (15 minutes in all, start-up included; 10 per call):
+#   1. SMOKE=1 SWEEP=1 bash .ci/gpu_recipe.sh $OUT                 timeout 180, one to two minutes
+#   2. STOP_AT=580 SWEEP=1 bash .ci/gpu_recipe.sh $OUT             timeout 600, straight after (idle: 30 s)
+#   3. SKIP_TRAIN=1 BENCH=1 STOP_AT=<seconds left - 20> bash .ci/gpu_recipe.sh $OUT   only if 2 minutes are left
+# In that order of worth: weights and evaluation, then the sweep (the sampling defaults), then the timings.
 set -uo pipefail
 out=$(realpath -m "${1:?output folder}")
 cd "$(dirname "$0")/.."
@@ -27,7 +39,8 @@ exec > >(tee -a "$out/log.txt") 2>&1
 if [ "${SMOKE:-0}" = 1 ]; then
   sweep_settings=${SWEEP_SETTINGS:-ddim:4:4,dpmpp2m:2:2}; sweep_n=${SWEEP_N:-8}
   preset=tiny; clip_min=${CLIP_MIN:-0.15}; prior_min=${PRIOR_MIN:-0.1}; dec_min=${DECODER_MIN:-0.15}; eval_n=${EVAL_N:-16}
-  size=(data.n_train=512 data.n_test=64 prior.train.compile=true)  # the compiled path, on the smallest stage
+  size=(data.n_train=512 data.n_test=64)  # on a GPU, the recipe's code path: compiled, bf16 (CUDA only)
+  for st in clip prior decoder; do size+=("$st.train.compile=true" "$st.train.precision=bf16"); done
 else
   sweep_settings=${SWEEP_SETTINGS:-ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:20:20,dpmpp2m:15:64}
   sweep_n=${SWEEP_N:-300}
@@ -36,8 +49,10 @@ else
 fi
 sets=(--set "data.root=$data"); for kv in "${size[@]}"; do sets+=(--set "$kv"); done
 common=(--preset "$preset" --out "$run" --quiet "${sets[@]}")
-t_start=$(date +%s)
+t_start=$(date +%s); stop_at=${STOP_AT:-0}
 log() { echo "=== $(date +%T) (+$(( $(date +%s) - t_start )) s) $*"; }
+left() { echo $(( stop_at - ($(date +%s) - t_start) )); }  # seconds to STOP_AT
+capped() { if [ "$stop_at" -gt 0 ] && [ "$(left)" -lt "$1" ]; then left; else echo "$1"; fi; }  # min(ARG, left)
 bars_out() { tr "\r" "\n" | grep -vE '^[A-Za-z0-9 /_-]+: +[0-9]+%\|'; }  # progress bars out, everything else kept
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -78,9 +93,14 @@ import sys; cfg = load_config(preset='$preset', overrides=sys.argv[1:])
 log "clip: budget $clip_min min"
 python3 clip/train.py "${common[@]}" --budget "$clip_min" 2>&1 | bars_out | tail -60
 export_stage clip
+[ -f "$run/clip.pt" ] || { log "CLIP failed: every later stage needs it, stopping"; exit 1; }
 log "prior: budget $prior_min min"
 python3 dalle2/train_prior.py "${common[@]}" --budget "$prior_min" 2>&1 | bars_out | tail -60
 export_stage prior
+if [ "$stop_at" -gt 0 ]; then  # the decoder gets what is left before STOP_AT, less the work after it
+  after=${AFTER_S:-$([ "${SWEEP:-0}" = 1 ] && echo 190 || echo 110)}
+  dec_min=$(python3 -c "print(round(min($dec_min, max(0.5, ($(left) - $after) / 60)), 2))")
+fi
 log "decoder: budget $dec_min min"
 python3 dalle2/train_decoder.py "${common[@]}" --budget "$dec_min" 2>&1 | bars_out | tail -40
 export_stage decoder
@@ -105,15 +125,22 @@ for s in clip prior decoder; do cp "$run/pretrained/$s/model.safetensors" "$out/
 tar czf "$out/meta.tgz" -C "$run/pretrained" --exclude=model.safetensors . 2>/dev/null
 fi  # SKIP_TRAIN
 if [ "${SWEEP:-0}" = 1 ]; then  # which sampler and step counts keep DDIM 50/64's quality (the defaults)
-  log "sampler sweep: $sweep_settings on $sweep_n captions (at most ${SWEEP_S:-240} s)"
-  timeout "${SWEEP_S:-240}" python3 -m dalle2.evaluation.sweep --checkpoints "$run" --out "$run/report/sweep" \
+  sweep_s=$(capped "${SWEEP_S:-240}")
+  log "sampler sweep: $sweep_settings on $sweep_n captions (at most $sweep_s s)"
+  [ "$sweep_s" -ge 30 ] || log "sweep skipped: $sweep_s s left"
+  [ "$sweep_s" -lt 30 ] || timeout "$sweep_s" python3 -m dalle2.evaluation.sweep --checkpoints "$run" --out "$run/report/sweep" \
     --guidance "${SWEEP_GUIDANCE:-3}" --settings "$sweep_settings" --limit "$sweep_n" --preset "$preset" "${sets[@]}" \
     2>&1 | bars_out | tail -30
   pack_report
 fi
 if [ "${BENCH:-0}" = 1 ]; then  # the sampling timings on the weights just trained, back to back
   log "sampling benchmark on the trained weights (.ci/gpu_bench.sh)"
-  BENCH_ARGS="--checkpoints $run ${BENCH_ARGS:-}" bash .ci/gpu_bench.sh "$run/bench" 2>&1 | tail -40
+  quality=$([ -f "$run/report/sweep/sweep.json" ] && echo "--quality $run/report/sweep/sweep.json")
+  if [ "$stop_at" -gt 0 ]; then  # eager first; the compiled part gets what is left after it
+    export BENCH_EAGER_S=$(capped "${BENCH_EAGER_S:-80}")
+    c=$(( $(left) - BENCH_EAGER_S - 5 )); m=${BENCH_COMPILED_S:-100}; export BENCH_COMPILED_S=$(( c < m ? c : m ))
+  fi
+  BENCH_ARGS="--checkpoints $run $quality ${BENCH_ARGS:-}" bash .ci/gpu_bench.sh "$run/bench" 2>&1 | tail -40
   tar czf "$out/bench.tgz" -C "$run" bench 2>/dev/null
 fi
 log "done"
