@@ -102,7 +102,9 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
     for name, m in stages.items():
         tensors = _export_tensors(m.state_dict(), dtype, name)
         dtypes |= {str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()}
-        blob = _safetensors().save(tensors, metadata={"format": "pt", "stage": name})
+        # one metadata key: safetensors writes a map of several in a random order, and the file's sha256 (in the
+        # index) would then differ between two exports of the same weights
+        blob = _safetensors().save(tensors, metadata={"format": "pt"})
         if name == "clip":  # its own identity; the prior and decoder record the CLIP they were trained on
             clip_hash = m.checkpoint_hash or state_hash(m.state_dict())
         else:
@@ -391,6 +393,16 @@ def _duration(seconds: Optional[float]) -> str:
             else f"{seconds / 3600:.1f} h")
 
 
+def _measured_on_these(report: dict, index: dict) -> bool:
+    """Whether the report evaluated an export whose three weight files have this index's sha256s (e.g.
+    the export this one replaces, evaluated before it)."""
+    try:
+        evaluated = json.loads((Path(report["checkpoints"]) / INDEX).read_text())["stages"]
+        return all(evaluated[s]["sha256"] == index["stages"][s]["sha256"] for s in STAGES)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: str) -> str:
     """The README.md of an export, from the stages' configs, the run's metrics and evaluation report."""
     cfg = model.decoder.config
@@ -451,7 +463,10 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
         except (KeyError, TypeError, AttributeError) as e:
             body = [f"(the report could not be read: {type(e).__name__} {e})"]
             report = None
-        if not card.get("report") and index["dtype"] != "float32":
+        if report is not None and _measured_on_these(report, index):
+            out += [f"Measured on these {index['dtype']} files (the evaluated folder holds weights with the same "
+                    "sha256).", ""]
+        elif not card.get("report") and index["dtype"] != "float32":
             out += [f"Measured on the run's float32 weights; these files are {index['dtype']}, so their figures may "
                     f"differ slightly (`python -m dalle2.evaluation.evaluate --checkpoints {name}` measures them "
                     "exactly).", ""]

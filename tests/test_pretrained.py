@@ -202,6 +202,25 @@ def test_model_card_is_written_from_the_run_and_its_report(tiny_run, tmp_path):
     assert seconds == pytest.approx(sum(16 / l["images_per_s"] for l in lines if "images_per_s" in l))
 
 
+def test_model_card_says_whether_its_figures_were_measured_on_these_files(tiny_run, tmp_path):
+    run, out = copy_of(tiny_run[0], tmp_path, "run"), tmp_path / "half"
+    model = DALLE2.from_run(run)
+    (run / "report").mkdir()
+    report = {"checkpoints": str(run), "sampling": {}, "device": "cpu", "sets": {}}
+    (run / "report" / "report.json").write_text(json.dumps(report))
+    model.save_pretrained(out, dtype=torch.float16)
+    assert "Measured on the run's float32 weights" in (out / "README.md").read_text()
+    # the export evaluated, then exported again (what .ci/gpu_recipe.sh does): the same sha256s
+    (run / "report" / "report.json").write_text(json.dumps({**report, "checkpoints": str(out)}))
+    before = json.loads((out / "model_index.json").read_text())["stages"]
+    model.save_pretrained(out, dtype=torch.float16)
+    assert "Measured on these float16 files" in (out / "README.md").read_text()
+    after = json.loads((out / "model_index.json").read_text())["stages"]
+    assert [before[s]["sha256"] for s in before] == [after[s]["sha256"] for s in before]  # byte-identical files
+    model.save_pretrained(tmp_path / "fp32")  # other files than those evaluated
+    assert "Measured on these" not in (tmp_path / "fp32" / "README.md").read_text()
+
+
 def test_export_command_end_to_end(tiny_run, tmp_path):
     out = tmp_path / "half"
     r = subprocess.run([sys.executable, "-m", "dalle2.export", str(tiny_run[0]), str(out), "--half",
