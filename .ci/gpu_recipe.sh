@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The recipe run on a lent GPU (not by CI): data, CLIP, prior and decoder of the default preset, each
-# sized to a time budget (--budget: the whole LR schedule completes inside it), then the evaluation.
-# Every stage's half-precision EMA weights are written to OUTDIR the moment the stage finishes, so a
-# timeout still returns what was trained.
+# sized to a time budget (--budget: the whole LR schedule completes inside it), then the export in half
+# precision (what ships) and the evaluation of that export, whose figures the export's model card then
+# carries. Every stage's half-precision EMA weights are written to OUTDIR the moment the stage finishes,
+# so a timeout still returns what was trained (.ci/restore_gpu_run.py makes an export of it here).
 #
 #   bash .ci/gpu_recipe.sh OUTDIR               # the full recipe, about 9 minutes on one H200
 #   SMOKE=1 bash .ci/gpu_recipe.sh OUTDIR       # the same path at toy size (tiny preset), under a minute on a GPU
@@ -78,6 +79,11 @@ EOF
   tar czf "$out/meta.tgz" -C "${out}_meta" . 2>/dev/null
 }
 
+ship() {  # the export's weights and its other files (configs, tokenizer, index, model card) into OUTDIR
+  for s in clip prior decoder; do cp "$run/pretrained/$s/model.safetensors" "$out/$s.safetensors" 2>/dev/null; done
+  tar czf "$out/meta.tgz" -C "$run/pretrained" --exclude=model.safetensors . 2>/dev/null
+}
+
 pack_report() {  # the reports and metrics as they stand
   tar czf "$out/report.tgz" -C "$run" report clip/metrics.jsonl prior/metrics.jsonl decoder/metrics.jsonl \
     clip/config.yml decoder/samples 2>/dev/null
@@ -106,29 +112,35 @@ python3 dalle2/train_decoder.py "${common[@]}" --budget "$dec_min" 2>&1 | bars_o
 export_stage decoder
 log "training done"
 
+recipe="SMOKE=${SMOKE:-0} bash .ci/gpu_recipe.sh (preset $preset, budgets clip $clip_min / prior $prior_min / decoder $dec_min min)"
+log "export: the pretrained folder in half precision, what ships (evaluated below, then exported again)"
+python3 -m dalle2.export "$run" "$run/pretrained" --half --command "$recipe" 2>&1 | tail -5
+ship
+
 log "sample grid: seen pairs, zero-shot pairs, positions"
 python3 sample.py "a large gold pentagon and a small blue circle" "a red circle" "a small navy square" \
   "a white rectangle" "a gold triangle" "a blue circle and a green square" "a small teal triangle at the bottom right" \
-  "a large purple ellipse at the top left" --n 4 --checkpoints "$run" --out /tmp/recipe_samples 2>&1 | tail -3
+  "a large purple ellipse at the top left" --n 4 --checkpoints "$run/pretrained" --out /tmp/recipe_samples 2>&1 | tail -3
 cp /tmp/recipe_samples/grid.png "$out/grid.png" 2>/dev/null
 
-log "evaluation: CLIP, prior, whole pipeline ($eval_n captions)"
+log "evaluation: CLIP, prior, whole pipeline on the exported weights ($eval_n captions)"
 mkdir -p "$run/report"
 python3 clip/evaluate.py --checkpoint "$run/clip.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/clip_eval.txt"
 python3 dalle2/prior/evaluate.py --checkpoint "$run/prior.pt" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tee "$run/report/prior_eval.txt"
-python3 -m dalle2.evaluation.evaluate --checkpoints "$run" --out "$run/report" --limit "$eval_n" --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tail -60
+python3 -m dalle2.evaluation.evaluate --checkpoints "$run/pretrained" --out "$run/report" --limit "$eval_n" \
+  --preset "$preset" "${sets[@]}" 2>&1 | bars_out | tail -60
 pack_report
 
-log "export: the pretrained folder (model card from the report)"
-python3 -m dalle2.export "$run" "$run/pretrained" --half --command "SMOKE=${SMOKE:-0} bash .ci/gpu_recipe.sh (preset $preset, budgets clip $clip_min / prior $prior_min / decoder $dec_min min)" 2>&1 | tail -5
-for s in clip prior decoder; do cp "$run/pretrained/$s/model.safetensors" "$out/$s.safetensors" 2>/dev/null; done
-tar czf "$out/meta.tgz" -C "$run/pretrained" --exclude=model.safetensors . 2>/dev/null
+log "export again: the model card gets the figures just measured on the exported weights"
+python3 -m dalle2.export "$run" "$run/pretrained" --half --command "$recipe" 2>&1 | tail -5
+ship
 fi  # SKIP_TRAIN
+weights=$([ -d "$run/pretrained" ] && echo "$run/pretrained" || echo "$run")  # what ships, when exported
 if [ "${SWEEP:-0}" = 1 ]; then  # which sampler and step counts keep DDIM 50/64's quality (the defaults)
   sweep_s=$(capped "${SWEEP_S:-240}")
   log "sampler sweep: $sweep_settings on $sweep_n captions (at most $sweep_s s)"
   [ "$sweep_s" -ge 30 ] || log "sweep skipped: $sweep_s s left"
-  [ "$sweep_s" -lt 30 ] || timeout "$sweep_s" python3 -m dalle2.evaluation.sweep --checkpoints "$run" --out "$run/report/sweep" \
+  [ "$sweep_s" -lt 30 ] || timeout "$sweep_s" python3 -m dalle2.evaluation.sweep --checkpoints "$weights" --out "$run/report/sweep" \
     --guidance "${SWEEP_GUIDANCE:-3}" --settings "$sweep_settings" --limit "$sweep_n" --preset "$preset" "${sets[@]}" \
     2>&1 | bars_out | tail -30
   pack_report
@@ -140,7 +152,7 @@ if [ "${BENCH:-0}" = 1 ]; then  # the sampling timings on the weights just train
     export BENCH_EAGER_S=$(capped "${BENCH_EAGER_S:-80}")
     c=$(( $(left) - BENCH_EAGER_S - 5 )); m=${BENCH_COMPILED_S:-100}; export BENCH_COMPILED_S=$(( c < m ? c : m ))
   fi
-  BENCH_ARGS="--checkpoints $run $quality ${BENCH_ARGS:-}" bash .ci/gpu_bench.sh "$run/bench" 2>&1 | tail -40
+  BENCH_ARGS="--checkpoints $weights $quality ${BENCH_ARGS:-}" bash .ci/gpu_bench.sh "$run/bench" 2>&1 | tail -40
   tar czf "$out/bench.tgz" -C "$run" bench 2>/dev/null
 fi
 log "done"
