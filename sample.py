@@ -67,6 +67,8 @@ def sample_records(model, args, captions: list[str]) -> list[dict]:
         "prior_guidance_scale": pick(args.prior_guidance_scale, "prior_guidance_scale"),
         "steps": pick(args.steps, "steps"), "prior_steps": pick(args.prior_steps, "prior_steps"),
         "sampler": pick(args.sampler, "sampler"), "eta": s.eta, "candidates": s.candidates, "clip_x0": s.clip_x0,
+        "guidance_interval": list(pick(args.guidance_interval, "guidance_interval")),
+        "prior_guidance_interval": list(s.prior_guidance_interval),
         "device": str(model.device),
         "weights": {name: getattr(getattr(model, name), "checkpoint_hash", None)
                     for name in ("clip", "prior", "decoder")},
@@ -94,6 +96,8 @@ def check_args(args, n_images: int) -> None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
+        bad(f"--guidance-interval must be LO HI with 0 <= LO <= HI <= 1, got {args.guidance_interval}")
     for seed in args.seed if isinstance(args.seed, list) else [args.seed + args.n - 1]:
         if not 0 <= seed <= SEED_MAX:
             bad(f"--seed must be between 0 and {SEED_MAX} (image m of a caption uses seed + m), got {seed}")
@@ -139,6 +143,8 @@ def main(argv=None):
     p.add_argument("--prior-guidance-scale", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="decoder sampling steps")
     p.add_argument("--prior-steps", type=int, default=None)
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="guide the decoder only at steps with t/(T-1) in [LO, HI] (default: the config's, 0 1)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddim, ddpm or dpmpp2m (DPM-Solver++(2M)); default: the checkpoint's sampling config")
     p.add_argument("--seed", type=seeds, default=0,
@@ -164,17 +170,14 @@ def main(argv=None):
     model = DALLE2.from_pretrained(args.checkpoints or shipped_or("runs"), device=pick_device(args.device))
     if args.compile:
         model.compile()
+    kwargs = dict(guidance_scale=args.guidance_scale, prior_guidance_scale=args.prior_guidance_scale,
+                  steps=args.steps, prior_steps=args.prior_steps, sampler=args.sampler,
+                  guidance_interval=args.guidance_interval, batch_size=args.batch_size)
     if len(captions) * args.n > MAX_IMAGES:  # allowed by --yes: streamed
-        kwargs = dict(guidance_scale=args.guidance_scale, prior_guidance_scale=args.prior_guidance_scale,
-                      steps=args.steps, prior_steps=args.prior_steps, sampler=args.sampler,
-                      batch_size=args.batch_size, progress=False)
-        count = write_streamed(model, captions, args.n, out, args, kwargs)
+        count = write_streamed(model, captions, args.n, out, args, {**kwargs, "progress": False})
         print(f"wrote {count} images and grid.png (the first {GRID_MAX}) to {out}/")
         return out
-    images = model.generate(captions, n_per_text=args.n, guidance_scale=args.guidance_scale,
-                            prior_guidance_scale=args.prior_guidance_scale, steps=args.steps,
-                            prior_steps=args.prior_steps, sampler=args.sampler, seed=args.seed,
-                            batch_size=args.batch_size, progress=True)
+    images = model.generate(captions, n_per_text=args.n, seed=args.seed, progress=True, **kwargs)
     write_samples(model.to_pil(images), captions, out, args.n, records=sample_records(model, args, captions))
     print(f"wrote {len(images)} images and grid.png to {out}/")
     return out

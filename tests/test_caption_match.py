@@ -86,3 +86,17 @@ def test_sweep_finds_the_fewest_steps_within_run_to_run_noise():
     # without a repeat there is no CLIP FD check: 15/10 passes on exact match and has fewer prior steps
     assert fewest_steps(results, ref, [])["fewest"]["prior_steps"] == 10
     assert step_reference([result("ddim", 50, 64, 0.9, 0.02, guidance=g)["settings"] for g in (1, 3)]) is None
+
+
+def test_sweep_prefers_a_narrower_guidance_interval_at_equal_steps_and_never_takes_one_as_reference():
+    def result(steps, interval=None, exact=0.9):
+        st = {"guidance_scale": 3.0, "prior_guidance_scale": 1.0, "sampler": "ddim", "steps": steps, "prior_steps": 64}
+        return {"settings": {**st, **({"guidance_interval": interval} if interval else {})},
+                "sets": {"test": {"n_images": 500, "faithfulness": {"all": {"exact": exact}}}},
+                "distance": {"clip_fd": 0.02}}
+    results = [result(50, [0.2, 0.8]), result(50), result(20, [0.0, 1.0]), result(20, [0.3, 0.7]),
+               result(20, [0.5, 0.6], exact=0.5)]  # the narrowest, but far worse
+    assert step_reference([r["settings"] for r in results]) == 1  # the full interval, though listed second
+    found = fewest_steps(results, 1, [])
+    assert found["fewest"]["guidance_interval"] == [0.3, 0.7]
+    assert step_reference([result(50)["settings"], result(50, [0.0, 1.0])["settings"]]) is None  # [0, 1] is no change

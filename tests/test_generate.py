@@ -115,3 +115,9 @@ def test_sample_py_takes_the_new_sampler_and_seed_lists(tiny_run, tmp_path):
     import json
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in records] == [4, 9]  # each image's own seed, as the list gave it
+    assert records[0]["guidance_interval"] == [0.0, 1.0]  # the config's: every step guided
+    narrow = main(["a red circle", "--checkpoints", str(tiny_run[0]), "--out", str(tmp_path / "g"), "--steps", "3",
+                   "--prior-steps", "3", "--seed", "4", "--device", "cpu", "--guidance-interval", "0.5", "1"])
+    assert json.loads((narrow / "samples.jsonl").read_text())["guidance_interval"] == [0.5, 1.0]
+    with pytest.raises(SystemExit, match="--guidance-interval"):
+        main(["a red circle", "--guidance-interval", "0.8", "0.2", "--out", str(tmp_path / "x")])

@@ -50,13 +50,14 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
                      *tiny_overrides(tmp_path / "shapes")])
     assert len(summary["results"]) == 2 and summary["recommended"]["guidance_scale"] in (1.0, 3.0)
     assert (out / "sweep" / "sweep.png").is_file() and (out / "sweep" / "sweep.json").is_file()
-    steps = sweep(["--checkpoints", str(out), "--guidance", "3", "--settings", "ddim:4:4,dpmpp2m:2:2,dpmpp2m:2:4",
+    steps = sweep(["--checkpoints", str(out), "--guidance", "3", "--settings", "ddim:4:4,dpmpp2m:2:2,dpmpp2m:2:4:0.5-1",
                    "--limit", "8", "--out", str(tmp_path / "steps"), *tiny_overrides(tmp_path / "shapes")])
     found = steps["fewest_steps"]  # the reference (DDIM, most steps) is always equal to itself
     assert (found["reference"]["sampler"], found["reference"]["steps"], found["noise_runs"]) == ("ddim", 4, 1)
-    checked = [(c["settings"]["sampler"], c["settings"]["steps"], c["settings"]["prior_steps"])
-               for c in found["checked"]]
-    assert checked == [("ddim", 4, 4), ("dpmpp2m", 2, 2), ("dpmpp2m", 2, 4)] and found["checked"][0]["equal"]
+    checked = [(c["settings"]["sampler"], c["settings"]["steps"], c["settings"]["prior_steps"],
+                c["settings"].get("guidance_interval")) for c in found["checked"]]
+    assert checked == [("ddim", 4, 4, None), ("dpmpp2m", 2, 2, None), ("dpmpp2m", 2, 4, [0.5, 1.0])]
+    assert found["checked"][0]["equal"] and "dpmpp2m 2/4 g0.5-1" in (tmp_path / "steps" / "sweep.md").read_text()
     with pytest.raises(SystemExit, match="drop --samplers"):
         sweep(["--checkpoints", str(out), "--settings", "ddim:4", "--steps", "4"])
     with pytest.raises(SystemExit, match="ddim:x"):

@@ -77,8 +77,9 @@ def sync(device):
 
 
 def parse_settings(text: str, sampling) -> list[dict]:
-    """'default,ddim:50:50,dpmpp2m:15' -> [{"name", "sampler", "steps", "prior_steps"}, ...]; "default" is
-    the sampling config's; a missing PRIOR_STEPS is STEPS."""
+    """'default,ddim:50:50,dpmpp2m:15,dpmpp2m:15:15:0.2-0.8' -> [{"name", "sampler", "steps", "prior_steps"},
+    ...]; "default" is the sampling config's; a missing PRIOR_STEPS is STEPS; a fourth part LO-HI adds
+    "guidance_interval": [LO, HI] (decoder guidance only at steps with t/(T-1) in it)."""
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         if item == "default":
@@ -88,14 +89,24 @@ def parse_settings(text: str, sampling) -> list[dict]:
         parts = item.split(":")
         try:
             sampler, steps, prior_steps = parts[0], int(parts[1]), int(parts[2] if len(parts) > 2 else parts[1])
+            interval = [float(x) for x in parts[3].split("-")] if len(parts) > 3 else None
         except (IndexError, ValueError):
-            raise SystemExit(f"error: --settings {item!r}: expected default or SAMPLER:STEPS[:PRIOR_STEPS]") from None
-        if sampler not in SAMPLERS or len(parts) > 3 or min(steps, prior_steps) < 1:
+            raise SystemExit(f"error: --settings {item!r}: expected default or "
+                             "SAMPLER:STEPS[:PRIOR_STEPS[:LO-HI]]") from None
+        if sampler not in SAMPLERS or len(parts) > 4 or min(steps, prior_steps) < 1:
             raise SystemExit(f"error: --settings {item!r}: the sampler must be one of {', '.join(SAMPLERS)} "
                              "and the step counts positive")
-        out.append({"name": f"{sampler} {steps}/{prior_steps}", "sampler": sampler, "steps": steps,
-                    "prior_steps": prior_steps})
+        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
+            raise SystemExit(f"error: --settings {item!r}: the guidance interval must be LO-HI with 0 <= LO <= HI <= 1")
+        setting = {"name": setting_name(sampler, steps, prior_steps, interval), "sampler": sampler, "steps": steps,
+                   "prior_steps": prior_steps}
+        out.append(setting if interval is None else {**setting, "guidance_interval": interval})
     return out
+
+
+def setting_name(sampler: str, steps: int, prior_steps: int, interval=None) -> str:
+    """'dpmpp2m 15/15', or 'dpmpp2m 15/15 g0.2-0.8' with a decoder guidance interval."""
+    return f"{sampler} {steps}/{prior_steps}" + (f" g{interval[0]:g}-{interval[1]:g}" if interval else "")
 
 
 class _StageTimer:
@@ -131,7 +142,8 @@ def time_generate(model, n: int, batch_size: int, setting: dict, guidance: Optio
     {"seconds", "prior", "decoder", "other"} (the median run's split)."""
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
     kwargs = dict(steps=setting["steps"], prior_steps=setting["prior_steps"], sampler=setting["sampler"],
-                  guidance_scale=guidance, prior_guidance_scale=guidance, batch_size=batch_size)
+                  guidance_scale=guidance, prior_guidance_scale=guidance, batch_size=batch_size,
+                  guidance_interval=setting.get("guidance_interval"))
     model.generate(captions, **kwargs)  # warm-up (kernels, allocator, compilation)
     runs = []
     for r in range(repeats):
@@ -158,6 +170,8 @@ def time_cold_start(checkpoints, n: int, setting: dict, guidance: Optional[float
                    "--steps", str(setting["steps"]), "--prior-steps", str(setting["prior_steps"]), "--seed", str(r)]
             if guidance is not None:
                 cmd += ["--guidance-scale", str(guidance), "--prior-guidance-scale", str(guidance)]
+            if setting.get("guidance_interval"):
+                cmd += ["--guidance-interval", *map(str, setting["guidance_interval"])]
             t0 = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)
             runs.append(time.perf_counter() - t0)
@@ -175,9 +189,9 @@ def sweep_quality(path, settings: list[dict], guidance: tuple[float, float]) -> 
         raise SystemExit(f"error: --quality {path}: not a sweep.json of python -m dalle2.evaluation.sweep ({e})")
     found = []
     for s in settings:
-        rows = [r for r in results if (r["settings"]["sampler"], r["settings"]["steps"], r["settings"]["prior_steps"],
-                                       r["settings"]["guidance_scale"], r["settings"]["prior_guidance_scale"])
-                == (s["sampler"], s["steps"], s["prior_steps"], *guidance)]
+        key = lambda st: (st["sampler"], st["steps"], st["prior_steps"], st.get("guidance_interval"))  # noqa: E731
+        rows = [r for r in results if key(r["settings"]) == key(s)
+                and (r["settings"]["guidance_scale"], r["settings"]["prior_guidance_scale"]) == tuple(guidance)]
         found.append({"exact_match": rows[0]["exact_match"], "clip_fd": (rows[0].get("distance") or {}).get("clip_fd")}
                      if rows else None)
     return found
@@ -283,7 +297,9 @@ def main(argv=None):
     if args.cost:
         for sampler in dict.fromkeys(s["sampler"] for s in settings):
             per_sampler[sampler] = step_costs(model, sampler, args.guidance_scale)
-    costs = [cost_per_image(s, per_sampler[s["sampler"]]) for s in settings] if args.cost else []
+    # counted at 3-4 steps and extrapolated: not for a guidance interval, where guided steps are a share
+    costs = [None if s.get("guidance_interval") else cost_per_image(s, per_sampler[s["sampler"]])
+             for s in settings] if args.cost else []
     if args.compile:
         model.compile()
         source += ", compiled"
@@ -297,6 +313,9 @@ def main(argv=None):
           + ", ".join(f"{k} {v:.1f}" for k, v in n_params.items()))
     print(f"device: {hw}; torch {torch.__version__}; {guidance}, {model.sampling.candidates} prior candidates")
     for s, cost in zip(settings, costs):
+        if cost is None:
+            print(f"{s['name']}: cost not counted (the guided share of the steps depends on the step count)")
+            continue
         print(f"{s['name']}: one image costs {cost['gflop']:.1f} GFLOP and {cost['ops']:,.0f} dispatched ops "
               f"(per step: decoder {cost['decoder_gflop_per_step']:.2f} GFLOP / "
               f"{cost['decoder_ops_per_step']:.0f} ops, "
@@ -306,7 +325,7 @@ def main(argv=None):
         print(f"cold start: a fresh `python sample.py` with {weights_dir}")
     if args.quality:
         print(f"quality: {args.quality} at guidance {pair[0]:g} decoder / {pair[1]:g} prior (- = not in the sweep)")
-    header = (f"{'setting':<22}{'case':<16}{'images':>7}{'seconds':>9}"
+    header = (f"{'setting':<24}{'case':<16}{'images':>7}{'seconds':>9}"
               f"{'prior s':>9}{'decoder s':>10}{'other s':>9}{'images/s':>10}"
               + (f"{'exact':>8}{'CLIP FD':>9}" if args.quality else ""))
     print(header, flush=True)
@@ -328,14 +347,14 @@ def main(argv=None):
                             for k, w in (("prior", 9), ("decoder", 10), ("other", 9)))
             measured = ("".join(f"{q[k]:>{w}.{d}f}" if q and q[k] is not None else f"{'-':>{w}}"
                                 for k, w, d in (("exact_match", 8, 3), ("clip_fd", 9, 4))) if args.quality else "")
-            print(f"{s['name']:<22}{case:<16}{n:>7}{r['seconds']:>9.3f}{split}{n / r['seconds']:>10.1f}{measured}",
+            print(f"{s['name']:<24}{case:<16}{n:>7}{r['seconds']:>9.3f}{split}{n / r['seconds']:>10.1f}{measured}",
                   flush=True)
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(row) + "\n")
     if args.data:
         ips = data_throughput(device)
-        print(f"{'training data path':<38}{512:>7}{512 / ips:>9.3f}{'':>28}{ips:>10.1f}")
+        print(f"{'training data path':<40}{512:>7}{512 / ips:>9.3f}{'':>28}{ips:>10.1f}")
     return rows
 
 

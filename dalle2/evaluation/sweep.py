@@ -6,20 +6,21 @@ faithfulness against diversity and distance, and recommend a setting.
     python -m dalle2.evaluation.sweep --checkpoints runs --guidance 3 --samplers ddim,dpmpp2m --steps 10,15,20,50 \\
                            --prior-steps 10,20,64    # samplers and step counts (decoder, prior): every combination
     python -m dalle2.evaluation.sweep --checkpoints runs --guidance 3 \\
-                           --settings ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:15:64   # just these
+                           --settings ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:15:15:0.2-0.8   # just these
 
 Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. The recommended setting has the highest
 image-level exact match on the test captions (shapes data); on data without an attribute reader
 (CIFAR-10, user folders) the highest R-precision with the run's own CLIP, then CLIP score. Ties: the
 lower CLIP Frechet distance.
 
-When samplers or step counts vary, it also names the fewest steps at the quality of the reference, the
-DDIM setting with the most steps (else the setting with the most steps): the reference is sampled again
-with --noise-runs other seeds (default 1) to measure run-to-run noise, and a setting at the reference's
-guidance counts as equal when its exact match (R-precision without a reader) is at most max(2 standard
-errors of a difference of two proportions, the spread of the reference's runs) lower and its CLIP
-Frechet distance at most twice that spread higher. Fewest means fewest decoder steps (a decoder step
-costs about 70 prior steps at the shapes32 sizes), then fewest prior steps.
+When samplers, step counts or guidance intervals vary, it also names the fewest steps at the quality of
+the reference, the DDIM setting with the most steps that guides every step (else the setting with the
+most steps): the reference is sampled again with --noise-runs other seeds (default 1) to measure
+run-to-run noise, and a setting at the reference's guidance counts as equal when its exact match
+(R-precision without a reader) is at most max(2 standard errors of a difference of two proportions, the
+spread of the reference's runs) lower and its CLIP Frechet distance at most twice that spread higher.
+Fewest means fewest decoder steps (a decoder step costs about 70 prior steps at the shapes32 sizes),
+then fewest prior steps, then the narrowest decoder guidance interval (the fewest guided rows).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from dalle2.core.files import atomic_write_text
 from dalle2.core.plots import scatter_plot
 from dalle2.core.runtime import pick_device
 from dalle2.diffusion import SAMPLERS
-from dalle2.evaluation.benchmark import parse_settings
+from dalle2.evaluation.benchmark import parse_settings, setting_name
 from dalle2.evaluation.evaluate import RealFeatures, evaluate_settings, load_everything
 
 
@@ -79,12 +80,20 @@ def _same_guidance(a: dict, b: dict) -> bool:
     return (a["guidance_scale"], a["prior_guidance_scale"]) == (b["guidance_scale"], b["prior_guidance_scale"])
 
 
+def _interval(st: dict) -> Optional[tuple]:
+    """A setting's decoder guidance interval, None when it guides every step."""
+    gi = st.get("guidance_interval")
+    return None if gi is None or tuple(gi) == (0.0, 1.0) else tuple(gi)
+
+
 def step_reference(settings: list[dict]) -> Optional[int]:
     """Index of the reference of a step comparison: the DDIM setting with the most (decoder, prior)
-    steps, else the setting with the most steps; None when samplers and step counts do not vary."""
-    if len({(st["sampler"], st["steps"], st["prior_steps"]) for st in settings}) < 2:
+    steps that guides every step, else the setting with the most steps; None when samplers, step
+    counts and guidance intervals do not vary."""
+    if len({(st["sampler"], st["steps"], st["prior_steps"], _interval(st)) for st in settings}) < 2:
         return None
-    ddim = [i for i, st in enumerate(settings) if st["sampler"] == "ddim"] or list(range(len(settings)))
+    full = [i for i, st in enumerate(settings) if _interval(st) is None] or list(range(len(settings)))
+    ddim = [i for i in full if settings[i]["sampler"] == "ddim"] or full
     return max(ddim, key=lambda i: (settings[i]["steps"], settings[i]["prior_steps"]))
 
 
@@ -110,14 +119,17 @@ def fewest_steps(results: list[dict], ref: int, repeats: list[dict]) -> dict:
         checked.append({"index": i, "settings": st, "quality": q, "tolerance": tol_q,
                         "clip_fd": r["distance"]["clip_fd"], "equal": bool(ok_q and ok_fd)})
     equal = [c for c in checked if c["equal"]]
-    best = min(equal, key=lambda c: (c["settings"]["steps"], c["settings"]["prior_steps"], -c["quality"]))
+    def cost(c):  # decoder steps, prior steps, then the share of the steps guided
+        lo, hi = _interval(c["settings"]) or (0.0, 1.0)
+        return c["settings"]["steps"], c["settings"]["prior_steps"], hi - lo, -c["quality"]
+    best = min(equal, key=cost)
     return {"reference": results[ref]["settings"], "reference_quality": q_ref, "reference_clip_fd": fd_ref,
             "noise_runs": len(repeats), "spread_quality": spread_q, "spread_clip_fd": spread_fd,
             "fd_tolerance": 2 * spread_fd if repeats else None, "fewest": best["settings"], "checked": checked}
 
 
 def _label(st: dict) -> str:
-    return f"{st['sampler']} {st['steps']}/{st['prior_steps']}"
+    return setting_name(st["sampler"], st["steps"], st["prior_steps"], _interval(st))
 
 
 def guidance_lines(settings: list[dict]) -> list[list[int]]:
@@ -125,7 +137,8 @@ def guidance_lines(settings: list[dict]) -> list[list[int]]:
     the plot joins them, so one line shows what raising the guidance does."""
     groups: dict = {}
     for i, st in enumerate(settings):  # the group: every setting but the decoder guidance
-        groups.setdefault(tuple(sorted((k, v) for k, v in st.items() if k != "guidance_scale")), []).append(i)
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in st.items() if k != "guidance_scale"))
+        groups.setdefault(key, []).append(i)
     return [sorted(idx, key=lambda i: settings[i]["guidance_scale"]) for idx in groups.values()]
 
 
@@ -140,7 +153,8 @@ def main(argv=None):
     p.add_argument("--samplers", default=None,
                    help="samplers to compare, e.g. ddim,dpmpp2m (default: the checkpoint's)")
     p.add_argument("--settings", default=None,
-                   help="SAMPLER:STEPS[:PRIOR_STEPS] (or default) list, e.g. ddim:50:64,dpmpp2m:15:15: these "
+                   help="SAMPLER:STEPS[:PRIOR_STEPS[:LO-HI]] (or default) list, e.g. ddim:50:64,dpmpp2m:15:15 "
+                        "(LO-HI: decoder guidance only in that interval of t/(T-1)): these "
                         "instead of every combination of --samplers, --steps and --prior-steps")
     p.add_argument("--limit", type=int, default=None, help="test captions per setting (default 500 on GPU, 64 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -168,17 +182,17 @@ def main(argv=None):
     samplers = samplers or [model.sampling.sampler]
     if args.settings is not None:
         listed = parse_settings(args.settings, model.sampling)
-        chosen = [(st["steps"], st["prior_steps"], st["sampler"]) for st in listed]
+        chosen = [(st["steps"], st["prior_steps"], st["sampler"], st.get("guidance_interval")) for st in listed]
     else:
         chosen = list(itertools.product(ints(args.steps or "50"),
                                         ints(args.prior_steps) if args.prior_steps else [model.sampling.prior_steps],
-                                        samplers))
+                                        samplers, [None]))
     grid = [(g, pg, *st) for g, pg, st in itertools.product(_floats(args.guidance), _floats(args.prior_guidance),
                                                               chosen)]
     results = []
-    for i, (g, pg, steps, prior_steps, sampler) in enumerate(grid, 1):
+    for i, (g, pg, steps, prior_steps, sampler, interval) in enumerate(grid, 1):
         settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps, "prior_steps": prior_steps,
-                    "sampler": sampler}
+                    "sampler": sampler, **({"guidance_interval": interval} if interval is not None else {})}
         print(f"[{i}/{len(grid)}] {settings}")
         r = evaluate_settings(model, reader, prompt_sets, settings, real=real, seed=args.seed)
         results.append(r)
@@ -202,6 +216,8 @@ def main(argv=None):
               f"/s{r['settings']['steps']}"
               + f"/ps{r['settings']['prior_steps']}" * (len({x['settings']['prior_steps'] for x in results}) > 1)
               + f"/{r['settings']['sampler']}" * (len({x['settings']['sampler'] for x in results}) > 1)
+              + (f"/gi{_interval(r['settings'])[0]:g}-{_interval(r['settings'])[1]:g}" if _interval(r['settings'])
+                 else "")
               for r in results]
     em = [exact_match(r) if exact_match(r) is not None else float("nan") for r in results]
     div = [r["diversity"]["clip_pairwise_distance"] for r in results]
