@@ -2,7 +2,8 @@
 # The sampling-speed check run on a lent GPU (not by CI), about 2-3 minutes in all: `python -m
 # dalle2.evaluation.benchmark` on the shapes32 sizes (random weights; speed does not depend on them), single image
 # and batch 256, prior/decoder split, for the config's default (DDIM 50/64), 50-step DDIM and
-# DPM-Solver++(2M) at 15, 10 and 20 steps; eager (bf16 weights, channels_last), then compiled (CUDA
+# DPM-Solver++(2M) at 15, 10 and 20 steps (and 15 with decoder guidance only for t/(T-1) in [0.2, 0.8]);
+# eager (bf16 weights, channels_last), then compiled (CUDA
 # graphs) for DDIM 50 and dpmpp2m 15. Every case is capped by `timeout`, a failure does not stop the
 # others, and the results land in OUTDIR as they come: bench.txt (the tables) and bench.jsonl (one JSON
 # line per timed row). For trained weights: BENCH_ARGS="--checkpoints RUN".
@@ -32,7 +33,8 @@ bench() {  # NAME SECONDS ARGS...
     --repeats "${BENCH_REPEATS:-3}" --jsonl "$jsonl" ${BENCH_ARGS:-} "$@" 2>&1 | grep --line-buffered -v "^\s*$" | tee -a "$txt"
   [ "${PIPESTATUS[0]}" = 0 ] || echo "($name: failed or timed out)" | tee -a "$txt"
 }
-bench "eager" "${BENCH_EAGER_S:-80}" --settings "${BENCH_SETTINGS:-default,ddim:50:50,dpmpp2m:15:15,dpmpp2m:10:10,dpmpp2m:20:20}" --data 0
+bench "eager" "${BENCH_EAGER_S:-80}" --data 0 \
+  --settings "${BENCH_SETTINGS:-default,ddim:50:50,dpmpp2m:15:15,dpmpp2m:10:10,dpmpp2m:20:20,dpmpp2m:15:15:0.2-0.8}"
 bench "compiled (reduce-overhead, CUDA graphs)" "${BENCH_COMPILED_S:-100}" --compile --cost 0 --data 0 \
   --settings "${BENCH_COMPILED:-ddim:50:50,dpmpp2m:15:15}"
 log done

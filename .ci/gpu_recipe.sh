@@ -14,7 +14,8 @@
 # log.txt, clip|prior|decoder.safetensors, meta.tgz (configs, tokenizer, model index and card of the
 # exported model), grid.png, report.tgz (reports and metrics) and, with BENCH=1, bench.tgz.
 # SWEEP=1 then runs the sampler sweep on the trained weights (`python -m dalle2.evaluation.sweep --settings`:
-# 50/64-step DDIM, run twice for its noise, against DPM-Solver++(2M) at fewer steps; SWEEP_SETTINGS,
+# 50/64-step DDIM, run twice for its noise, against DPM-Solver++(2M) at fewer steps, one of them with
+# decoder guidance limited to t/(T-1) in [0.2, 0.8] (Kynkaanniemi et al. 2024); SWEEP_SETTINGS,
 # SWEEP_N captions, at most SWEEP_S seconds); its sweep.md names the fewest steps at DDIM's quality and
 # lands in report.tgz. SKIP_TRAIN=1 keeps RUN_DIR as it is and runs only SWEEP/BENCH on it (a second
 # call on a still-warm machine).
@@ -38,12 +39,12 @@ run=${RUN_DIR:-/tmp/recipe_run}; data=${DATA_DIR:-/tmp/recipe_shapes}
 mkdir -p "$out"; [ "${SKIP_TRAIN:-0}" = 1 ] || rm -rf "$run"
 exec > >(tee -a "$out/log.txt") 2>&1
 if [ "${SMOKE:-0}" = 1 ]; then
-  sweep_settings=${SWEEP_SETTINGS:-ddim:4:4,dpmpp2m:2:2}; sweep_n=${SWEEP_N:-8}
+  sweep_settings=${SWEEP_SETTINGS:-ddim:4:4,dpmpp2m:2:2,dpmpp2m:2:2:0.5-1}; sweep_n=${SWEEP_N:-8}
   preset=tiny; clip_min=${CLIP_MIN:-0.15}; prior_min=${PRIOR_MIN:-0.1}; dec_min=${DECODER_MIN:-0.15}; eval_n=${EVAL_N:-16}
   size=(data.n_train=512 data.n_test=64)  # on a GPU, the recipe's code path: compiled, bf16 (CUDA only)
   for st in clip prior decoder; do size+=("$st.train.compile=true" "$st.train.precision=bf16"); done
 else
-  sweep_settings=${SWEEP_SETTINGS:-ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:20:20,dpmpp2m:15:64}
+  sweep_settings=${SWEEP_SETTINGS:-ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:20:20,dpmpp2m:15:64,dpmpp2m:15:15:0.2-0.8}
   sweep_n=${SWEEP_N:-300}
   preset=shapes32; clip_min=${CLIP_MIN:-1.3}; prior_min=${PRIOR_MIN:-0.8}; dec_min=${DECODER_MIN:-4.0}; eval_n=${EVAL_N:-600}
   size=()
