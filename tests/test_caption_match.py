@@ -1,12 +1,13 @@
 """Caption match (CLIP score, R-precision) on features with known answers, and the sweep choosing by
 it where no attribute reader exists."""
+import json
 import math
 
 import pytest
 import torch
 
 from dalle2.evaluation.metrics import caption_match
-from dalle2.evaluation.sweep import fewest_steps, recommend, step_reference
+from dalle2.evaluation.sweep import fewest_steps, recommend, step_reference, write_sweep
 
 
 def test_perfect_wrong_and_chance_matches():
@@ -100,3 +101,18 @@ def test_sweep_prefers_a_narrower_guidance_interval_at_equal_steps_and_never_tak
     found = fewest_steps(results, 1, [])
     assert found["fewest"]["guidance_interval"] == [0.3, 0.7]
     assert step_reference([result(50)["settings"], result(50, [0.0, 1.0])["settings"]]) is None  # [0, 1] is no change
+
+
+def test_a_sweep_cut_short_still_writes_its_step_comparison(tmp_path):
+    def result(sampler, steps, exact):
+        return {"settings": {"guidance_scale": 3.0, "prior_guidance_scale": 1.0, "sampler": sampler, "steps": steps,
+                             "prior_steps": steps},
+                "sets": {"test": {"n_images": 500, "faithfulness": {"all": {"exact": exact}}}},
+                "distance": {"clip_fd": 0.02}, "diversity": {"clip_pairwise_distance": 0.3}, "seconds": 1.0}
+    # the reference (index 2) and one other setting evaluated, the third not yet (a timeout)
+    evaluated = [result("dpmpp2m", 10, 0.89), None, result("ddim", 50, 0.9)]
+    summary, lines = write_sweep(tmp_path, evaluated, 2, [], True)
+    assert not summary["complete"] and len(summary["results"]) == 2
+    assert summary["fewest_steps"]["reference"]["steps"] == 50 and summary["fewest_steps"]["fewest"]["steps"] == 10
+    assert json.loads((tmp_path / "sweep.json").read_text())["fewest_steps"]["fewest"]["steps"] == 10
+    assert "Incomplete: 2 of 3 settings" in (tmp_path / "sweep.md").read_text() and (tmp_path / "sweep.png").is_file()

@@ -187,31 +187,41 @@ def main(argv=None):
         chosen = list(itertools.product(ints(args.steps or "50"),
                                         ints(args.prior_steps) if args.prior_steps else [model.sampling.prior_steps],
                                         samplers, [None]))
-    grid = [(g, pg, *st) for g, pg, st in itertools.product(_floats(args.guidance), _floats(args.prior_guidance),
-                                                              chosen)]
-    results = []
-    for i, (g, pg, steps, prior_steps, sampler, interval) in enumerate(grid, 1):
-        settings = {"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps, "prior_steps": prior_steps,
-                    "sampler": sampler, **({"guidance_interval": interval} if interval is not None else {})}
-        print(f"[{i}/{len(grid)}] {settings}")
-        r = evaluate_settings(model, reader, prompt_sets, settings, real=real, seed=args.seed)
-        results.append(r)
+    grid = [{"guidance_scale": g, "prior_guidance_scale": pg, "steps": steps, "prior_steps": prior_steps,
+             "sampler": sampler, **({"guidance_interval": interval} if interval is not None else {})}
+            for g, pg, (steps, prior_steps, sampler, interval)
+            in itertools.product(_floats(args.guidance), _floats(args.prior_guidance), chosen)]
+    out = Path(args.out) if args.out else Path(args.checkpoints) / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    # the reference and its repeats first, and the files rewritten after every setting: a sweep cut short
+    # (a time limit) still leaves its step comparison for the settings it got to
+    ref = step_reference(grid)
+    order = ([ref] if ref is not None else []) + [i for i in range(len(grid)) if i != ref]
+    results, repeats = [None] * len(grid), []
+    for n, i in enumerate(order, 1):
+        print(f"[{n}/{len(grid)}] {grid[i]}")
+        r = results[i] = evaluate_settings(model, reader, prompt_sets, grid[i], real=real, seed=args.seed)
         print(f"    exact match {exact_match(r)}, R-precision {caption_match(r).get('r_precision', float('nan')):.3f}, "
               f"CLIP FD {r['distance']['clip_fd']:.4f}, "
               f"diversity {r['diversity']['clip_pairwise_distance']:.4f}")
-    best = recommend(results)
-    ref = step_reference([r["settings"] for r in results])
-    steps_summary = None
-    if ref is not None:
-        repeats = []
-        for k in range(1, args.noise_runs + 1):
-            print(f"[reference, seed {args.seed + k}] {results[ref]['settings']}")
-            repeats.append(evaluate_settings(model, reader, prompt_sets, results[ref]["settings"], real=real,
-                                             seed=args.seed + k))
+        summary, lines = write_sweep(out, results, ref, repeats, reader is not None)
+        for k in range(1, args.noise_runs + 1) if i == ref else ():
+            print(f"[reference, seed {args.seed + k}] {grid[ref]}")
+            repeats.append(evaluate_settings(model, reader, prompt_sets, grid[ref], real=real, seed=args.seed + k))
             print(f"    exact match {exact_match(repeats[-1])}, CLIP FD {repeats[-1]['distance']['clip_fd']:.4f}")
-        steps_summary = fewest_steps(results, ref, repeats)
-    out = Path(args.out) if args.out else Path(args.checkpoints) / "sweep"
-    out.mkdir(parents=True, exist_ok=True)
+            summary, lines = write_sweep(out, results, ref, repeats, reader is not None)
+    print("\n".join(lines) + f"\nrecommended: {summary['recommended']} -> {out}/sweep.png")
+    return summary
+
+
+def write_sweep(out: Path, evaluated: list, ref: Optional[int], repeats: list, has_reader: bool):
+    """sweep.json, sweep.md and sweep.png for the settings evaluated so far (None: not yet); returns the
+    summary and the markdown lines."""
+    results = [r for r in evaluated if r is not None]
+    best = recommend(results)
+    steps_summary = None
+    if ref is not None and evaluated[ref] is not None:
+        steps_summary = fewest_steps(results, sum(r is not None for r in evaluated[:ref]), repeats)
     labels = [f"g{r['settings']['guidance_scale']:g}/p{r['settings']['prior_guidance_scale']:g}"
               f"/s{r['settings']['steps']}"
               + f"/ps{r['settings']['prior_steps']}" * (len({x['settings']['prior_steps'] for x in results}) > 1)
@@ -224,23 +234,26 @@ def main(argv=None):
     fd = [r["distance"]["clip_fd"] for r in results]
     lines = guidance_lines([r["settings"] for r in results])
     rp = [caption_match(r).get("r_precision", float("nan")) for r in results]
-    y_label = "exact match" if reader is not None else "R-precision (own CLIP)"
-    ys = em if reader is not None else rp
+    y_label = "exact match" if has_reader else "R-precision (own CLIP)"
+    ys = em if has_reader else rp
     scatter_plot([
         {"title": f"{y_label} vs diversity", "xlabel": "CLIP pairwise distance (diversity)", "ylabel": y_label,
          "points": list(zip(div, ys, labels)), "highlight": best, "lines": lines},
         {"title": f"{y_label} vs distance to real", "xlabel": "CLIP Frechet distance", "ylabel": y_label,
          "points": list(zip(fd, ys, labels)), "highlight": best, "lines": lines},
     ], out / "sweep.png")
-    summary = {"recommended": results[best]["settings"], "fewest_steps": steps_summary, "results": [
-        {"settings": r["settings"], "exact_match": exact_match(r), "caption_match": caption_match(r) or None,
-         "diversity": r["diversity"],
-         "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]}
-        for r in results]}
+    complete = len(results) == len(evaluated)
+    summary = {"recommended": results[best]["settings"], "fewest_steps": steps_summary, "complete": complete,
+               "results": [
+                   {"settings": r["settings"], "exact_match": exact_match(r), "caption_match": caption_match(r) or None,
+                    "diversity": r["diversity"],
+                    "distance": r.get("distance"), "memorisation": r.get("memorisation"), "seconds": r["seconds"]}
+                   for r in results]}
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
     cs = [caption_match(r).get("clip_score", float("nan")) for r in results]
-    lines = ["| setting | exact match | R-precision | CLIP score | CLIP FD | diversity | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ([] if complete else [f"**Incomplete: {len(results)} of {len(evaluated)} settings evaluated so far.**", ""])
+    lines += ["| setting | exact match | R-precision | CLIP score | CLIP FD | diversity | seconds |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {lab}{' (recommended)' if i == best else ''} | {e:.3f} | {r_:.3f} | {c:.2f} | {f:.4f} | {d:.4f} "
               f"| {r['seconds']:.1f} |"
               for i, (lab, e, r_, c, f, d, r) in enumerate(zip(labels, em, rp, cs, fd, div, results))]
@@ -249,15 +262,14 @@ def main(argv=None):
         fd_rule = (f"CLIP FD at most {f['fd_tolerance']:.4f} above {f['reference_clip_fd']:.4f}" if f["noise_runs"]
                    else "no CLIP FD check (--noise-runs 0)")
         lines += ["", f"Fewest steps at the quality of {_label(f['reference'])} ({f['noise_runs']} more seed(s) of it: "
-                  f"spread {f['spread_quality']:.3f} in {'exact match' if reader is not None else 'R-precision'}, "
+                  f"spread {f['spread_quality']:.3f} in {'exact match' if has_reader else 'R-precision'}, "
                   f"{f['spread_clip_fd']:.4f} in CLIP FD; equal = at most the tolerance below "
                   f"{f['reference_quality']:.3f}, {fd_rule}): **{_label(f['fewest'])}**", "",
                   "| setting | quality | tolerance | CLIP FD | equal |", "|---|---|---|---|---|"]
         lines += [f"| {_label(c['settings'])} | {c['quality']:.3f} | {c['tolerance']:.3f} | {c['clip_fd']:.4f} "
                   f"| {'yes' if c['equal'] else 'no'} |" for c in f["checked"]]
     atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
-    print("\n".join(lines) + f"\nrecommended: {results[best]['settings']} -> {out}/sweep.png")
-    return summary
+    return summary, lines
 
 
 if __name__ == "__main__":
