@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dalle2.evaluation.metrics import caption_match
-from dalle2.evaluation.sweep import fewest_steps, recommend, step_reference, write_sweep
+from dalle2.evaluation.sweep import fewest_steps, paired_difference, recommend, step_reference, write_sweep
 
 
 def test_perfect_wrong_and_chance_matches():
@@ -116,3 +116,17 @@ def test_a_sweep_cut_short_still_writes_its_step_comparison(tmp_path):
     assert summary["fewest_steps"]["reference"]["steps"] == 50 and summary["fewest_steps"]["fewest"]["steps"] == 10
     assert json.loads((tmp_path / "sweep.json").read_text())["fewest_steps"]["fewest"]["steps"] == 10
     assert "Incomplete: 2 of 3 settings" in (tmp_path / "sweep.md").read_text() and (tmp_path / "sweep.png").is_file()
+
+
+def test_paired_difference_of_per_image_exact_match():
+    diff, se = paired_difference([1, 1, 0, 1], [1, 0, 0, 1])  # one image gained, none lost
+    assert diff == pytest.approx(0.25) and se == pytest.approx(math.sqrt((0.25 - 0.0625) / 4))
+    assert paired_difference([1, 0], [1, 0]) == (0.0, 0.0)
+    assert paired_difference(None, [1]) == (None, None) and paired_difference([1], [1, 0]) == (None, None)
+    results = [{"settings": {"guidance_scale": 3.0, "prior_guidance_scale": 1.0, "sampler": sampler, "steps": steps,
+                             "prior_steps": steps},
+                "sets": {"test": {"n_images": 4, "faithfulness": {"all": {"exact": sum(flags) / 4}}}},
+                "distance": {"clip_fd": 0.02}, "exact_flags": flags}
+               for sampler, steps, flags in (("dpmpp2m", 10, [1, 0, 0, 1]), ("ddim", 50, [1, 1, 0, 1]))]
+    checked = fewest_steps(results, 1, [])["checked"]
+    assert checked[0]["paired_difference"] == pytest.approx(-0.25) and checked[1]["paired_se"] == 0.0

@@ -58,6 +58,8 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
                 c["settings"].get("guidance_interval")) for c in found["checked"]]
     assert checked == [("ddim", 4, 4, None), ("dpmpp2m", 2, 2, None), ("dpmpp2m", 2, 4, [0.5, 1.0])]
     assert found["checked"][0]["equal"] and "dpmpp2m 2/4 g0.5-1" in (tmp_path / "steps" / "sweep.md").read_text()
+    assert (found["checked"][0]["paired_difference"], found["checked"][0]["paired_se"]) == (0.0, 0.0)  # itself
+    assert all(c["paired_se"] is not None for c in found["checked"])  # per-image flags from the reader
     with pytest.raises(SystemExit, match="drop --samplers"):
         sweep(["--checkpoints", str(out), "--settings", "ddim:4", "--steps", "4"])
     with pytest.raises(SystemExit, match="ddim:x"):

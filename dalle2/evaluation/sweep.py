@@ -76,6 +76,18 @@ def _quality(result: dict) -> tuple[float, int]:
     return (em if em is not None else caption_match(result).get("r_precision", float("nan"))), one["n_images"]
 
 
+def paired_difference(flags: Optional[list], ref_flags: Optional[list]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and standard error of a setting's per-image exact match minus the reference's, over the
+    same captions and seeds (the sweep draws both from the same noise): the sampler's own effect, free
+    of the seed-to-seed noise. (None, None) without per-image flags."""
+    if not flags or not ref_flags or len(flags) != len(ref_flags):
+        return None, None
+    n = len(flags)
+    diffs = [float(a) - float(b) for a, b in zip(flags, ref_flags)]
+    mean = sum(diffs) / n
+    return mean, math.sqrt(max(sum(x * x for x in diffs) / n - mean * mean, 0.0) / n)
+
+
 def _same_guidance(a: dict, b: dict) -> bool:
     return (a["guidance_scale"], a["prior_guidance_scale"]) == (b["guidance_scale"], b["prior_guidance_scale"])
 
@@ -116,8 +128,10 @@ def fewest_steps(results: list[dict], ref: int, repeats: list[dict]) -> dict:
         tol_q = max(2 * se, spread_q)
         ok_q = q >= q_ref - tol_q
         ok_fd = not repeats or r["distance"]["clip_fd"] <= fd_ref + 2 * spread_fd
+        diff, diff_se = paired_difference(r.get("exact_flags"), results[ref].get("exact_flags"))
         checked.append({"index": i, "settings": st, "quality": q, "tolerance": tol_q,
-                        "clip_fd": r["distance"]["clip_fd"], "equal": bool(ok_q and ok_fd)})
+                        "clip_fd": r["distance"]["clip_fd"], "equal": bool(ok_q and ok_fd),
+                        "paired_difference": diff, "paired_se": diff_se})
     equal = [c for c in checked if c["equal"]]
     def cost(c):  # decoder steps, prior steps, then the share of the steps guided
         lo, hi = _interval(c["settings"]) or (0.0, 1.0)
@@ -200,18 +214,31 @@ def main(argv=None):
     results, repeats = [None] * len(grid), []
     for n, i in enumerate(order, 1):
         print(f"[{n}/{len(grid)}] {grid[i]}")
-        r = results[i] = evaluate_settings(model, reader, prompt_sets, grid[i], real=real, seed=args.seed)
+        r = results[i] = evaluate(model, reader, prompt_sets, grid[i], real, args.seed)
         print(f"    exact match {exact_match(r)}, R-precision {caption_match(r).get('r_precision', float('nan')):.3f}, "
               f"CLIP FD {r['distance']['clip_fd']:.4f}, "
               f"diversity {r['diversity']['clip_pairwise_distance']:.4f}")
         summary, lines = write_sweep(out, results, ref, repeats, reader is not None)
         for k in range(1, args.noise_runs + 1) if i == ref else ():
             print(f"[reference, seed {args.seed + k}] {grid[ref]}")
-            repeats.append(evaluate_settings(model, reader, prompt_sets, grid[ref], real=real, seed=args.seed + k))
+            repeats.append(evaluate(model, reader, prompt_sets, grid[ref], real, args.seed + k))
             print(f"    exact match {exact_match(repeats[-1])}, CLIP FD {repeats[-1]['distance']['clip_fd']:.4f}")
             summary, lines = write_sweep(out, results, ref, repeats, reader is not None)
     print("\n".join(lines) + f"\nrecommended: {summary['recommended']} -> {out}/sweep.png")
     return summary
+
+
+def evaluate(model, reader, prompt_sets: dict, settings: dict, real, seed: int) -> dict:
+    """evaluate_settings, plus "exact_flags": the first prompt set's per-image exact match (with a
+    reader), for the paired comparison; the images themselves are not kept."""
+    r = evaluate_settings(model, reader, prompt_sets, settings, real=real, seed=seed, keep_images=reader is not None)
+    for entry in r["sets"].values():
+        rows = entry.pop("rows", None)
+        for key in ("images", "captions", "heldout_flags"):
+            entry.pop(key, None)
+        if rows is not None and "exact_flags" not in r:
+            r["exact_flags"] = [bool(row["exact"]) for row in rows]
+    return r
 
 
 def write_sweep(out: Path, evaluated: list, ref: Optional[int], repeats: list, has_reader: bool):
@@ -265,9 +292,15 @@ def write_sweep(out: Path, evaluated: list, ref: Optional[int], repeats: list, h
                   f"spread {f['spread_quality']:.3f} in {'exact match' if has_reader else 'R-precision'}, "
                   f"{f['spread_clip_fd']:.4f} in CLIP FD; equal = at most the tolerance below "
                   f"{f['reference_quality']:.3f}, {fd_rule}): **{_label(f['fewest'])}**", "",
-                  "| setting | quality | tolerance | CLIP FD | equal |", "|---|---|---|---|---|"]
+                  "| setting | quality | tolerance | CLIP FD | equal | paired difference ± 2 SE |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {_label(c['settings'])} | {c['quality']:.3f} | {c['tolerance']:.3f} | {c['clip_fd']:.4f} "
-                  f"| {'yes' if c['equal'] else 'no'} |" for c in f["checked"]]
+                  f"| {'yes' if c['equal'] else 'no'} | "
+                  + (f"{c['paired_difference']:+.3f} ± {2 * c['paired_se']:.3f} |" if c["paired_se"] is not None
+                     else "- |") for c in f["checked"]]
+        lines += ["", "Paired difference: the setting's per-image exact match minus the reference's on the same "
+                  "captions and noise, the sampler's own effect without the seed-to-seed noise (information; "
+                  "\"equal\" uses the tolerance)."]
     atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
     return summary, lines
 
