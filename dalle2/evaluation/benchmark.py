@@ -187,9 +187,10 @@ def sweep_quality(path, settings: list[dict], guidance: tuple[float, float]) -> 
         results = json.loads(Path(path).read_text())["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: --quality {path}: not a sweep.json of python -m dalle2.evaluation.sweep ({e})")
+    def key(st):
+        return st["sampler"], st["steps"], st["prior_steps"], st.get("guidance_interval")
     found = []
     for s in settings:
-        key = lambda st: (st["sampler"], st["steps"], st["prior_steps"], st.get("guidance_interval"))  # noqa: E731
         rows = [r for r in results if key(r["settings"]) == key(s)
                 and (r["settings"]["guidance_scale"], r["settings"]["prior_guidance_scale"]) == tuple(guidance)]
         found.append({"exact_match": rows[0]["exact_match"], "clip_fd": (rows[0].get("distance") or {}).get("clip_fd")}
