@@ -26,10 +26,14 @@
 # sweep and the benchmark get at most the time left. If CLIP fails the run stops at once (every later
 # stage needs it), so a broken run returns in seconds, not minutes.
 #
-# The device plan (15 minutes in all, start-up included; 10 per call):
+# The device plan (15 minutes in all, start-up included; 10 per call; a machine idle 30 s goes back):
 #   1. SMOKE=1 SWEEP=1 bash .ci/gpu_recipe.sh $OUT                 timeout 180, one to two minutes
-#   2. STOP_AT=580 SWEEP=1 bash .ci/gpu_recipe.sh $OUT             timeout 600, straight after (idle: 30 s)
-#   3. SKIP_TRAIN=1 BENCH=1 STOP_AT=<seconds left - 20> bash .ci/gpu_recipe.sh $OUT   only if 2 minutes are left
+#   2. STOP_AT=580 bash .ci/gpu_recipe.sh $OUT                     timeout 600, straight after: the decoder
+#      keeps its whole budget (with SWEEP=1 here it would give the sweep about 80 s of it)
+#   3. SKIP_TRAIN=1 SWEEP=1 BENCH=1 STOP_AT=<seconds left - 20> bash .ci/gpu_recipe.sh $OUT, straight after.
+#      If the machine went back meanwhile, /tmp/recipe_run is gone: restore call 2's files here into an
+#      ignored folder (python .ci/restore_gpu_run.py FILES_AT runs/gpu), carry it and add RUN_DIR=runs/gpu
+#      (the sweep then makes the data again, about half a minute).
 # In that order of worth: weights and evaluation, then the sweep (the sampling defaults), then the timings.
 set -uo pipefail
 out=$(realpath -m "${1:?output folder}")
@@ -90,12 +94,16 @@ pack_report() {  # the reports and metrics as they stand
     clip/config.yml decoder/samples 2>/dev/null
 }
 
-if [ "${SKIP_TRAIN:-0}" != 1 ]; then
-log "data: shapes for preset $preset into $data"
-python3 -c "
+make_data() {  # the preset's shapes (generated when missing: training, and a sweep on a fresh machine)
+  log "data: shapes for preset $preset into $data"
+  python3 -c "
 from dalle2.core.config import load_config; from data.datasets import load_dataset
 import sys; cfg = load_config(preset='$preset', overrides=sys.argv[1:])
 [load_dataset(cfg.data, s) for s in ('train', 'test')]" "data.root=$data" "${size[@]}" 2>&1 | bars_out
+}
+
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+make_data
 
 log "clip: budget $clip_min min"
 python3 clip/train.py "${common[@]}" --budget "$clip_min" 2>&1 | bars_out | tail -60
@@ -137,6 +145,7 @@ python3 -m dalle2.export "$run" "$run/pretrained" --half --command "$recipe" 2>&
 ship
 fi  # SKIP_TRAIN
 weights=$([ -d "$run/pretrained" ] && echo "$run/pretrained" || echo "$run")  # what ships, when exported
+[ "${SWEEP:-0}" != 1 ] || [ -f "$data/test/metadata.jsonl" ] || make_data
 if [ "${SWEEP:-0}" = 1 ]; then  # which sampler and step counts keep DDIM 50/64's quality (the defaults)
   sweep_s=$(capped "${SWEEP_S:-240}")
   log "sampler sweep: $sweep_settings on $sweep_n captions (at most $sweep_s s)"

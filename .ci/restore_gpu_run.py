@@ -1,18 +1,20 @@
 """Turn what a device call of .ci/gpu_recipe.sh brought back into an export that loads here.
 
-    python .ci/restore_gpu_run.py FILES_AT OUT_DIR       # then: python sample.py "a red circle" --checkpoints OUT_DIR
+    python .ci/restore_gpu_run.py FILES_AT OUT_DIR
+    python sample.py "a red circle" --checkpoints OUT_DIR/pretrained
 
 FILES_AT holds the call's files: clip|prior|decoder.safetensors, meta.tgz and report.tgz (log.txt and
 grid.png are not needed). Two cases:
 - the run got to its export: meta.tgz is the export's (model_index.json, configs, tokenizer, model card)
-  and the .safetensors are its weights, so OUT_DIR is that export put back together; from_pretrained
-  checks every file's sha256 against the index.
+  and the .safetensors are its weights, so OUT_DIR/pretrained is that export put back together;
+  from_pretrained checks every file's sha256 against the index.
 - a timeout came first: meta.tgz holds each finished stage's config.json and extra.json and the
-  tokenizer. Each stage becomes a run checkpoint again (fp16 weights upcast to fp32) in OUT_DIR/run,
-  and OUT_DIR is exported from it (--half: the same fp16 values). The CLIP's hash is of the upcast
+  tokenizer. Each stage becomes a run checkpoint again (fp16 weights upcast to fp32) in OUT_DIR,
+  and OUT_DIR/pretrained is exported from it (--half: the same fp16 values). The CLIP's hash is of the upcast
   weights, so the prior's and decoder's record of it is set to that hash, after checking that both
   recorded the same CLIP.
-report.tgz (reports, metrics, sample grids) is unpacked into OUT_DIR/run either way.
+report.tgz (reports, metrics, sample grids) is unpacked into OUT_DIR either way, so OUT_DIR is a run folder
+that `RUN_DIR=OUT_DIR SKIP_TRAIN=1 bash .ci/gpu_recipe.sh` can sweep and benchmark (carried to a fresh device).
 """
 from __future__ import annotations
 
@@ -73,22 +75,20 @@ def gpu_name(log: Path):
 def main(argv=None) -> Path:
     if len(argv or sys.argv[1:]) != 2:
         raise SystemExit(__doc__)
-    files, out = (Path(a) for a in (argv or sys.argv[1:]))
-    run = out / "run"
+    files, run = (Path(a) for a in (argv or sys.argv[1:]))
     run.mkdir(parents=True, exist_ok=True)
+    export = run / "pretrained"
     if (files / "report.tgz").is_file():
         unpack(files / "report.tgz", run)
     with tempfile.TemporaryDirectory() as tmp:
         meta = Path(tmp)
         unpack(files / "meta.tgz", meta)
         if (meta / "model_index.json").is_file():  # the export itself
-            export = out / "export"
             unpack(files / "meta.tgz", export)
             for stage in STAGES:
                 (export / stage / "model.safetensors").write_bytes((files / f"{stage}.safetensors").read_bytes())
         else:
             rebuild_run(files, meta, run)
-            export = out / "export"
             card = ["--command", "bash .ci/gpu_recipe.sh (cut short before its export; restored from the stage files)"]
             card += ["--hardware", gpu] if (gpu := gpu_name(files / "log.txt")) else []
             subprocess.run([sys.executable, "-m", "dalle2.export", str(run), str(export), "--half", *card], check=True,
