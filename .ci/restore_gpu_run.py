@@ -19,6 +19,7 @@ that `RUN_DIR=OUT_DIR SKIP_TRAIN=1 bash .ci/gpu_recipe.sh` can sweep and benchma
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -31,9 +32,8 @@ sys.path.insert(0, str(REPO))
 from safetensors.torch import load_file  # noqa: E402
 
 from dalle2.core.checkpoint import FORMAT, atomic_torch_save, state_hash  # noqa: E402
+from dalle2.pretrained import STAGES  # noqa: E402
 from dalle2.unclip import DALLE2  # noqa: E402
-
-STAGES = ("clip", "prior", "decoder")
 
 
 def unpack(archive: Path, into: Path) -> None:
@@ -84,7 +84,7 @@ def main(argv=None) -> Path:
         meta = Path(tmp)
         unpack(files / "meta.tgz", meta)
         if (meta / "model_index.json").is_file():  # the export itself
-            unpack(files / "meta.tgz", export)
+            shutil.copytree(meta, export, dirs_exist_ok=True)
             for stage in STAGES:
                 (export / stage / "model.safetensors").write_bytes((files / f"{stage}.safetensors").read_bytes())
         else:
