@@ -56,6 +56,26 @@ def test_output_shape(size):
     assert m(x, t, image_emb=emb, tokens=tok).shape == (2, 3, size, size)
 
 
+def test_patch_size_2_runs_the_body_at_half_the_side():
+    m = perturb(make_unet(16, patch_size=2, attention_resolutions=[4])).eval()
+    assert m.conv_in.in_channels == 12 and m.out[-1].out_channels == 12
+    sides = []
+    m.down[0].register_forward_hook(lambda mod, args, out: sides.append(out.shape[-1]))
+    x, t, emb, tok = inputs(2, 16)
+    x.requires_grad_(True)
+    y = m(x, t, image_emb=emb, tokens=tok)
+    assert y.shape == (2, 3, 16, 16) and sides == [8]
+    y[0].sum().backward()  # every pixel of image 0 reaches the output, and nothing of image 1 does
+    assert (x.grad[0] != 0).all() and (x.grad[1] == 0).all()
+
+
+def test_patch_size_errors_name_the_key():
+    with pytest.raises(ValueError, match="decoder.model.patch_size: 3 does not divide"):
+        make_unet(16, patch_size=3)
+    with pytest.raises(ValueError, match="attention_resolutions.*with patch_size 2"):
+        make_unet(16, patch_size=2, attention_resolutions=[16])
+
+
 def test_no_batchnorm_and_groupnorm_present():
     m = make_unet(16)
     mods = list(m.modules())
@@ -219,10 +239,11 @@ def test_tokens_longer_than_context_raise(model):
 
 # ---------------- with the real diffusion process ----------------
 
-def make_decoder(image_size=8):
+def make_decoder(image_size=8, patch_size=1):
     # 8px keeps these CPU trainings/samplings to a few seconds
     diffusion = pytest.importorskip("dalle2.diffusion")
-    return Decoder(make_unet(image_size, dropout=0.0, attention_resolutions=[4]), diffusion.GaussianDiffusion())
+    unet = make_unet(image_size, dropout=0.0, attention_resolutions=[4 // patch_size], patch_size=patch_size)
+    return Decoder(unet, diffusion.GaussianDiffusion())
 
 
 def test_decoder_has_only_unet_state():
@@ -230,8 +251,9 @@ def test_decoder_has_only_unet_state():
     assert all(k.startswith("unet.") for k in dec.state_dict())
 
 
-def test_decoder_loss_falls():
-    dec = make_decoder()
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_decoder_loss_falls(patch_size):
+    dec = make_decoder(patch_size=patch_size)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
     _, _, emb, tok = inputs(4)

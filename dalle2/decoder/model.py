@@ -182,7 +182,7 @@ class UNet(nn.Module):
     """GLIDE/unCLIP decoder UNet predicting a 3-channel target (eps or v: the diffusion's concern)."""
 
     def __init__(self, *, image_size: int, embed_dim: int, vocab_size: int, context_length: int,
-                 channels: int = Defaults.channels,
+                 channels: int = Defaults.channels, patch_size: int = Defaults.patch_size,
                  channel_mult: Sequence[int] = tuple(field_default(Defaults, "channel_mult")),
                  num_res_blocks: int = Defaults.num_res_blocks,
                  attention_resolutions: Sequence[int] = tuple(field_default(Defaults, "attention_resolutions")),
@@ -193,7 +193,9 @@ class UNet(nn.Module):
                  text_drop_prob: float = Defaults.text_drop_prob,
                  clip_text_width: Optional[int] = None):  # defaults: one source, the config
         """image_size: side of the square input; embed_dim: CLIP embedding width; vocab_size / context_length:
-        the caption tokenizer's; channels: base width, multiplied by channel_mult[i] at level i (each level
+        the caption tokenizer's; patch_size: p, each p x p pixel block folded into 3p^2 channels before the
+        body and unfolded after it (pixel unshuffle / shuffle: the body runs at image_size / p, as in
+        Hoogeboom et al. 2023's patching); channels: base width, multiplied by channel_mult[i] at level i (each level
         halves the resolution); num_res_blocks: ResBlocks per level; attention_resolutions: feature-map side
         lengths with context attention; head_channels: channels per attention head; text_encoder: "own" (the
         decoder's caption transformer, text_*) or "clip" (CLIP's per-token encodings of width
@@ -206,13 +208,14 @@ class UNet(nn.Module):
                         ("context_length", context_length)]:  # the sizes that come from outside decoder.model
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"UNet: {name} must be a positive int, got {v!r}")
-        check_fields(Defaults, dict(channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-                             attention_resolutions=attention_resolutions, head_channels=head_channels,
-                             dropout=dropout, text_encoder=text_encoder, text_width=text_width,
-                             text_layers=text_layers, text_heads=text_heads, clip_tokens=clip_tokens,
-                             clip_drop_prob=clip_drop_prob, text_drop_prob=text_drop_prob), "decoder.model.", "UNet")
+        check_fields(Defaults, dict(channels=channels, patch_size=patch_size, channel_mult=channel_mult,
+                                    num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+                                    head_channels=head_channels, dropout=dropout, text_encoder=text_encoder,
+                                    text_width=text_width, text_layers=text_layers, text_heads=text_heads,
+                                    clip_tokens=clip_tokens, clip_drop_prob=clip_drop_prob,
+                                    text_drop_prob=text_drop_prob), "decoder.model.", "UNet")
         for key, msg in unet_shape_problems(image_size, channels, channel_mult, attention_resolutions, head_channels,
-                                            text_width, text_heads):
+                                            text_width, text_heads, patch_size):
             raise ValueError(f"UNet: decoder.model.{key}: {msg}")
         for ch in sorted({channels * m for m in channel_mult}):
             if ch % norm_groups(ch):
@@ -220,7 +223,7 @@ class UNet(nn.Module):
                                  f"{norm_groups(ch)} GroupNorm groups; use a multiple of 4 (of 32 above 128)")
         if dropout == 1.0:
             raise ValueError("UNet: decoder.model.dropout must be below 1 (1 would drop every activation)")
-        self.image_size, self.embed_dim = image_size, embed_dim
+        self.image_size, self.embed_dim, self.patch_size = image_size, embed_dim, patch_size
         if text_encoder == "clip" and not (isinstance(clip_text_width, int) and clip_text_width > 0):
             raise ValueError("decoder.model.text_encoder 'clip' needs clip_text_width (clip.model.text_width)")
         self.text_source = text_encoder
@@ -252,9 +255,10 @@ class UNet(nn.Module):
         def attn(ch: int, res: int) -> Optional[ContextAttentionBlock]:
             return ContextAttentionBlock(ch, head_channels, text_width, res) if res in attention_resolutions else None
 
-        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        pixels = 3 * patch_size ** 2  # channels of the (possibly patched) image the body reads and writes
+        self.conv_in = nn.Conv2d(pixels, channels, 3, padding=1)
         self.down = nn.ModuleList()
-        skip_chs, ch, res = [channels], channels, image_size
+        skip_chs, ch, res = [channels], channels, image_size // patch_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 self.down.append(UNetStage(ResBlock(ch, channels * mult, emb_dim, dropout), attn(channels * mult, res)))
@@ -278,7 +282,7 @@ class UNet(nn.Module):
                 ch = out
             if level != 0:
                 res *= 2
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, 3, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, pixels, 3, padding=1)))
 
     def drop_masks(self, n: int, device=None, generator: Optional[torch.Generator] = None):
         """Training-time classifier-free-guidance dropout, drawn independently for the two conditions
@@ -385,7 +389,8 @@ class UNet(nn.Module):
         def run(name, stage, h):  # each attention stage reads the context prepared under its own name
             return stage(h, emb, ctx[name] if stage.attn is not None else None)
 
-        h = self.conv_in(x_t)
+        p = self.patch_size
+        h = self.conv_in(F.pixel_unshuffle(x_t, p) if p > 1 else x_t)
         skips = [h]
         for i, stage in enumerate(self.down):
             h = run(f"down.{i}", stage, h) if isinstance(stage, UNetStage) else stage(h)
@@ -394,7 +399,7 @@ class UNet(nn.Module):
             h = run(f"middle.{i}", stage, h)
         for i, stage in enumerate(self.up):
             h = run(f"up.{i}", stage, torch.cat([h, skips.pop()], dim=1))
-        return self.out(h)
+        return F.pixel_shuffle(self.out(h), p) if p > 1 else self.out(h)
 
     def attention_stages(self) -> list[tuple[str, "UNetStage"]]:
         """(name, stage) of every stage with context attention, named as in the module tree."""
