@@ -109,6 +109,15 @@ def test_readme_option_table_shows_what_runs():
     assert "| `decoder.train.ema_decay` | `0.999` |" in describe_options()
 
 
+def test_the_top_level_config_is_the_packaged_one():
+    """model_config.yml at the top of the repo (where people look) and dalle2/model_config.yml (what
+    every install loads, DEFAULT_CONFIG) are one file in two places: an edit to only one would show
+    people values that do not run."""
+    repo = Path(__file__).resolve().parent.parent
+    assert (repo / "model_config.yml").read_bytes() == (repo / "dalle2" / "model_config.yml").read_bytes(), \
+        "model_config.yml and dalle2/model_config.yml differ: copy the edited one over the other"
+
+
 def test_dataclass_defaults_are_the_yaml_top_level():
     """One set of defaults: a --config file that leaves a key out gets the value model_config.yml shows."""
     assert Config().to_dict() == load_config().to_dict()
