@@ -137,7 +137,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1, help="images per caption")
     p.add_argument("--out", default="samples", help="output folder (default: samples/)")
     p.add_argument("--checkpoints", default=None, help="a run folder (clip.pt, prior.pt, decoder.pt) or an exported "
-                   "one (dalle2.export) (default: the shipped checkpoints/shapes32/ if present, else runs/)")
+                   "one (dalle2.export) (default: the shipped weights, checkpoints/shapes32/ or else "
+                   "checkpoints/shapes_cpu/, if present; else runs/)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="decoder guidance (default: the checkpoint's sampling config)")
     p.add_argument("--prior-guidance-scale", type=float, default=None)

@@ -35,6 +35,9 @@
 #      ignored folder (python .ci/restore_gpu_run.py FILES_AT runs/gpu), carry it and add RUN_DIR=runs/gpu
 #      (the sweep then makes the data again, about half a minute).
 # In that order of worth: weights and evaluation, then the sweep (the sampling defaults), then the timings.
+# Then ship: `python .ci/restore_gpu_run.py FILES_AT runs/gpu`, copy runs/gpu/pretrained to
+# checkpoints/shapes32 (SHIPPED prefers it), `git rm -r checkpoints/shapes_cpu` (the CPU-trained fallback it
+# replaces) and update the README's quick start, grid and Measured table.
 set -uo pipefail
 out=$(realpath -m "${1:?output folder}")
 cd "$(dirname "$0")/.."

@@ -46,7 +46,10 @@ STAGES = ("clip", "prior", "decoder")
 INDEX, TOKENIZER, CONFIG, WEIGHTS, CARD = ("model_index.json", "tokenizer.json", "config.json", "model.safetensors",
                                            "README.md")
 REPO = Path(__file__).resolve().parent.parent  # found from the package, never from the working directory
-SHIPPED = REPO / "checkpoints" / "shapes32"     # the weights shipped with the repo, when present
+# The weights shipped with the repo, when present: the GPU-trained shapes32 recipe, else (until it is
+# trained) the CPU-trained fallback. Looked up once, at import: a folder's presence, nothing read.
+SHIPPED_CHOICES = (REPO / "checkpoints" / "shapes32", REPO / "checkpoints" / "shapes_cpu")
+SHIPPED = next((d for d in SHIPPED_CHOICES if d.is_dir()), SHIPPED_CHOICES[0])
 PROVENANCE = ("command", "hardware", "git_commit")  # card facts kept in model_index.json for later exports
 
 

@@ -120,7 +120,7 @@ class DALLE2(nn.Module):
     def from_pretrained(cls, folder: str | Path | None = None, device="cpu") -> "DALLE2":
         """An exported folder (model_index.json, safetensors: nothing is unpickled) or a training run
         folder (clip.pt, prior.pt, decoder.pt: as from_run), on `device`. No folder: the weights
-        shipped in the repo's checkpoints/shapes32/ (see dalle2/pretrained.py)."""
+        shipped in the repo's checkpoints/ (shapes32/, else shapes_cpu/: see dalle2/pretrained.py)."""
         if folder is None or pretrained.is_pretrained_folder(folder):
             stages = pretrained.load_pretrained(folder)
             return cls(stages["clip"], stages["prior"], stages["decoder"]).to(device)

@@ -255,7 +255,9 @@ def load_sample_py():
 
 
 def test_shipped_weights_are_the_default_when_present(exported, tmp_path, monkeypatch):
-    assert pretrained.SHIPPED == Path(pretrained.__file__).resolve().parent.parent / "checkpoints" / "shapes32"
+    checkpoints = Path(pretrained.__file__).resolve().parent.parent / "checkpoints"
+    assert pretrained.SHIPPED_CHOICES == (checkpoints / "shapes32", checkpoints / "shapes_cpu")  # GPU first
+    assert pretrained.SHIPPED == next((d for d in pretrained.SHIPPED_CHOICES if d.is_dir()), checkpoints / "shapes32")
     monkeypatch.chdir(tmp_path)  # no runs/ here
     monkeypatch.setattr(pretrained, "SHIPPED", tmp_path / "checkpoints" / "shapes32")
     with pytest.raises(CheckpointError, match=r"no shipped weights are present .*python -m dalle2.pipeline --out runs"):
