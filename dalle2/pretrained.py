@@ -49,7 +49,14 @@ REPO = Path(__file__).resolve().parent.parent  # found from the package, never f
 # The weights shipped with the repo, when present: the GPU-trained shapes32 recipe, else (until it is
 # trained) the CPU-trained fallback. Looked up once, at import: a folder's presence, nothing read.
 SHIPPED_CHOICES = (REPO / "checkpoints" / "shapes32", REPO / "checkpoints" / "shapes_cpu")
-SHIPPED = next((d for d in SHIPPED_CHOICES if d.is_dir()), SHIPPED_CHOICES[0])
+
+
+def first_folder(choices: tuple[Path, ...]) -> Path:
+    """The first of `choices` that is a folder; the first one when none is (errors then name it)."""
+    return next((d for d in choices if d.is_dir()), choices[0])
+
+
+SHIPPED = first_folder(SHIPPED_CHOICES)
 PROVENANCE = ("command", "hardware", "git_commit")  # card facts kept in model_index.json for later exports
 
 

@@ -29,6 +29,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
 
 
+@pytest.fixture
+def forbid_pickle(monkeypatch):
+    """Every unpickling entry point raises while the test holds this (undo with monkeypatch.undo())."""
+    import pickle
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"),
+                         (torch.serialization, "load")):
+        monkeypatch.setattr(module, name, no_pickle)
+    return monkeypatch
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Caches (the attribute reader's weights) go to a temporary folder, never the user's home."""

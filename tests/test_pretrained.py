@@ -47,14 +47,9 @@ def copy_of(folder, tmp_path, name="copy"):
     return Path(shutil.copytree(folder, tmp_path / name))
 
 
-def test_export_loads_with_no_pickle_and_draws_what_the_run_draws(tiny_run, exported, monkeypatch):
-    def no_pickle(*args, **kwargs):
-        raise AssertionError("loading an export unpickled something")
-    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"),
-                         (torch.serialization, "load")):
-        monkeypatch.setattr(module, name, no_pickle)
+def test_export_loads_with_no_pickle_and_draws_what_the_run_draws(tiny_run, exported, forbid_pickle):
     model = DALLE2.from_pretrained(exported[0])
-    monkeypatch.undo()
+    forbid_pickle.undo()
     assert model.clip.checkpoint_path.endswith("clip/model.safetensors")
     from_run_dir = DALLE2.from_pretrained(tiny_run[0])  # a run folder loads as from_run does
     assert torch.equal(quick(model), quick(from_run_dir))
@@ -257,7 +252,13 @@ def load_sample_py():
 def test_shipped_weights_are_the_default_when_present(exported, tmp_path, monkeypatch):
     checkpoints = Path(pretrained.__file__).resolve().parent.parent / "checkpoints"
     assert pretrained.SHIPPED_CHOICES == (checkpoints / "shapes32", checkpoints / "shapes_cpu")  # GPU first
-    assert pretrained.SHIPPED == next((d for d in pretrained.SHIPPED_CHOICES if d.is_dir()), checkpoints / "shapes32")
+    assert pretrained.SHIPPED == pretrained.first_folder(pretrained.SHIPPED_CHOICES)
+    gpu, cpu = tmp_path / "choices" / "gpu", tmp_path / "choices" / "cpu"
+    assert pretrained.first_folder((gpu, cpu)) == gpu  # neither: the first, which the error names
+    cpu.mkdir(parents=True)
+    assert pretrained.first_folder((gpu, cpu)) == cpu
+    gpu.mkdir()
+    assert pretrained.first_folder((gpu, cpu)) == gpu
     monkeypatch.chdir(tmp_path)  # no runs/ here
     monkeypatch.setattr(pretrained, "SHIPPED", tmp_path / "checkpoints" / "shapes32")
     with pytest.raises(CheckpointError, match=r"no shipped weights are present .*python -m dalle2.pipeline --out runs"):
