@@ -5,7 +5,8 @@
 
 Layout (training resume state stays in the run folder's `.pt` files; this is for sampling):
 
-    model_index.json        format version; per stage: the CLIP hash, step, extra data, sha256 of the weights
+    model_index.json        format version; per stage: the CLIP hash, step, extra data, training seconds,
+                            sha256 of the weights
     tokenizer.json          the tokenizer all three stages share
     clip/config.json        each stage's resolved config, exactly as its checkpoint holds it
     clip/model.safetensors  its weights (tensors only; fp32, or fp16 upcast to fp32 at load)
@@ -103,7 +104,10 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
                                   "they do not fit together")
     card = {k: v for k, v in (card or {}).items() if v is not None}
     run_dir = Path(card["run_dir"]) if card.get("run_dir") else _source_run_dir(model.decoder)
-    card = {**_earlier_provenance(model.decoder, run_dir), **card}  # e.g. what the pipeline's own export recorded
+    earlier = _earlier_index(model.decoder, run_dir)
+    provenance = earlier.get("provenance") if isinstance(earlier.get("provenance"), dict) else {}
+    card = {**{k: provenance[k] for k in PROVENANCE if isinstance(provenance.get(k), str)},
+            **card}  # e.g. what the pipeline's own export recorded
     card.setdefault("git_commit", git_commit())
 
     index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": None, "tokenizer": TOKENIZER,
@@ -123,6 +127,7 @@ def save_pretrained(model, folder: str | os.PathLike, *, dtype: Optional[torch.d
             "clip_hash": clip_hash, "step": int(m.step),
             "extra": {k: v for k, v in m.extra.items() if k != "clip_hash"},
             "parameters": sum(p.numel() for p in m.parameters()),
+            "training_seconds": _training_seconds(m, name, run_dir, earlier),
             "weights": f"{name}/{WEIGHTS}", "sha256": hashlib.sha256(blob).hexdigest()}
         blobs[name] = blob
     index["dtype"] = "+".join(sorted(dtypes))
@@ -186,19 +191,35 @@ def _safetensors():
     return safetensors.torch
 
 
-def _earlier_provenance(decoder, run_dir: Optional[Path]) -> dict:
-    """Command, hardware and commit recorded by an earlier export of the same weights: the export they
-    were loaded from, or the run's own OUT/pretrained/ (written on the training machine by the pipeline)."""
+def _earlier_index(decoder, run_dir: Optional[Path]) -> dict:
+    """model_index.json of an earlier export of the same weights, {} if none: the export they were loaded
+    from, or the run's own OUT/pretrained/ (written on the training machine by the pipeline). Its
+    provenance (command, hardware, commit) and training times carry over to a re-export."""
     path = decoder.checkpoint_path
     candidates = [Path(path).parent.parent / INDEX] if path is not None and Path(path).name == WEIGHTS else []
     candidates += [run_dir / "pretrained" / INDEX] if run_dir is not None else []
     for candidate in candidates:
         try:
-            found = json.loads(candidate.read_text()).get("provenance") or {}
-        except (OSError, ValueError, AttributeError):
+            found = json.loads(candidate.read_text())
+        except (OSError, ValueError):
             continue
-        return {k: found[k] for k in PROVENANCE if isinstance(found.get(k), str)}
+        if isinstance(found, dict):
+            return found
     return {}
+
+
+def _training_seconds(stage, name: str, run_dir: Optional[Path], earlier: dict) -> Optional[float]:
+    """A stage's training-loop seconds: from the run's metrics.jsonl, else what an earlier export of the
+    same stage (same step) recorded, else None."""
+    if run_dir is not None:
+        seconds = training_seconds(run_dir / name / "metrics.jsonl", getattr(stage.config, name).train.batch_size)
+        if seconds is not None:
+            return round(seconds, 1)
+    entry = (earlier.get("stages") or {}).get(name) if isinstance(earlier.get("stages"), dict) else None
+    if isinstance(entry, dict) and entry.get("step") == int(stage.step) \
+            and isinstance(entry.get("training_seconds"), (int, float)):
+        return float(entry["training_seconds"])
+    return None
 
 
 def _source_run_dir(decoder) -> Optional[Path]:
@@ -449,12 +470,13 @@ def model_card(model, index: dict, run_dir: Optional[Path], card: dict, name: st
     for s in STAGES:
         tc = getattr(getattr(model, s).config, s).train
         step = index["stages"][s]["step"]
-        secs = training_seconds(run_dir / s / "metrics.jsonl", tc.batch_size) if run_dir is not None else None
+        secs = index["stages"][s].get("training_seconds")
         out.append(f"| {s} | {index['stages'][s]['parameters'] / 1e6:.2f}M | {step} | {tc.batch_size} | "
                    f"{step * tc.batch_size:,} | {tc.lr:g} | {tc.ema_decay:g} | "
                    f"{_duration(secs)} |")
     out += ["", "Training time: the training loop's wall time from each stage's `metrics.jsonl` (data preparation "
-            "and the CLIP embedding cache not included).", "", "## Provenance", "",
+            "and the CLIP embedding cache not included; kept in `model_index.json` across re-exports).", "",
+            "## Provenance", "",
             f"- git commit: {card.get('git_commit') or 'unknown (not a git checkout)'}",
             f"- trained on: {card.get('hardware') or 'not recorded in the run folder'}",
             f"- exported: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"

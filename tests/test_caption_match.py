@@ -6,8 +6,17 @@ import math
 import pytest
 import torch
 
+from dalle2.core.config import SamplingConfig
+from dalle2.evaluation.benchmark import parse_settings
 from dalle2.evaluation.metrics import caption_match
-from dalle2.evaluation.sweep import fewest_steps, paired_difference, recommend, step_reference, write_sweep
+from dalle2.evaluation.sweep import (
+    export_command,
+    fewest_steps,
+    paired_difference,
+    recommend,
+    step_reference,
+    write_sweep,
+)
 
 
 def test_perfect_wrong_and_chance_matches():
@@ -116,6 +125,21 @@ def test_a_sweep_cut_short_still_writes_its_step_comparison(tmp_path):
     assert summary["fewest_steps"]["reference"]["steps"] == 50 and summary["fewest_steps"]["fewest"]["steps"] == 10
     assert json.loads((tmp_path / "sweep.json").read_text())["fewest_steps"]["fewest"]["steps"] == 10
     assert "Incomplete: 2 of 3 settings" in (tmp_path / "sweep.md").read_text() and (tmp_path / "sweep.png").is_file()
+    # how to ship the fewest-step setting: the export command, in the form its --sampling reads
+    assert "`python -m dalle2.export CHECKPOINTS NEW_FOLDER --half --sampling dpmpp2m:10:10 --guidance-scale 3`" \
+        in (tmp_path / "sweep.md").read_text()
+
+
+def test_the_export_command_of_a_setting_reads_back_as_that_setting():
+    st = {"guidance_scale": 2.5, "sampler": "dpmpp2m", "steps": 15, "prior_steps": 10, "guidance_interval": [0.2, 0.8]}
+    command = export_command("runs/x", st)
+    spec = command.split("--sampling ")[1].split()[0]
+    assert spec == "dpmpp2m:15:10:0.2-0.8" and command.endswith("--guidance-scale 2.5")
+    parsed = parse_settings(spec, SamplingConfig(), "--sampling")[0]
+    assert {k: parsed[k] for k in ("sampler", "steps", "prior_steps", "guidance_interval")} == \
+        {k: st[k] for k in ("sampler", "steps", "prior_steps", "guidance_interval")}
+    assert "--sampling ddim:50:64 " in export_command("runs/x", {**st, "sampler": "ddim", "steps": 50,
+                                                                  "prior_steps": 64, "guidance_interval": [0.0, 1.0]})
 
 
 def test_paired_difference_of_per_image_exact_match():

@@ -240,6 +240,39 @@ def test_export_command_end_to_end(tiny_run, tmp_path):
     assert export([str(out), str(tmp_path / "again")]) == tmp_path / "again"  # an export re-exports
     again = (tmp_path / "again" / "README.md").read_text()
     assert "not been measured" in again and "trained on: 2 test cores" in again  # provenance carried along
+    # so are the training times, which only the run's metrics.jsonl had: in the index and the card's table
+    first, second = (json.loads((d / "model_index.json").read_text())["stages"] for d in (out, tmp_path / "again"))
+    assert all(first[s]["training_seconds"] > 0 for s in STAGES)
+    assert [second[s]["training_seconds"] for s in STAGES] == [first[s]["training_seconds"] for s in STAGES]
+    rows = [l for l in again.splitlines() if re.match(r"\| (clip|prior|decoder) \|", l)]
+    assert len(rows) == 3 and all(re.search(r"\| \d+ s \|$", r) for r in rows), rows
+
+
+def test_export_sets_the_sampling_defaults_and_keeps_the_weights(exported, tmp_path):
+    from dalle2.export import main as export
+    src, out = exported[1], tmp_path / "resampled"
+    before = DALLE2.from_pretrained(src).sampling
+    export([str(src), str(out), "--half", "--sampling", "dpmpp2m:4:3:0.2-0.8", "--guidance-scale", "2.5"])
+    model = DALLE2.from_pretrained(out)
+    s = model.sampling
+    assert (s.sampler, s.steps, s.prior_steps, s.guidance_interval, s.guidance_scale) == \
+        ("dpmpp2m", 4, 3, [0.2, 0.8], 2.5)
+    assert (s.candidates, s.clip_x0, s.prior_guidance_scale) == \
+        (before.candidates, before.clip_x0, before.prior_guidance_scale)  # the rest is untouched
+    config = json.loads((out / "decoder" / "config.json").read_text())["sampling"]
+    assert config["sampler"] == "dpmpp2m" and config["steps"] == 4
+    index = {d: json.loads((d / "model_index.json").read_text())["stages"] for d in (src, out)}
+    assert [index[out][st]["sha256"] for st in STAGES] == [index[src][st]["sha256"] for st in STAGES]
+    # a setting without an interval guides every step again; the scale stays what the source had
+    export([str(out), str(tmp_path / "back"), "--half", "--sampling", "ddim:5"])
+    s = DALLE2.from_pretrained(tmp_path / "back").sampling
+    assert (s.sampler, s.steps, s.prior_steps, s.guidance_interval, s.guidance_scale) == \
+        ("ddim", 5, 5, [0.0, 1.0], 2.5)
+    for bad in (["--sampling", "default"], ["--sampling", "ddim:5,ddim:6"], ["--sampling", "euler:5"],
+                ["--guidance-scale", "-1"]):
+        with pytest.raises(SystemExit, match="--sampling|--guidance-scale"):
+            export([str(src), str(tmp_path / "refused"), *bad])
+        assert not (tmp_path / "refused").exists()
 
 
 def load_sample_py():

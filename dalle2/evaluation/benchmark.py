@@ -76,7 +76,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def parse_settings(text: str, sampling) -> list[dict]:
+def parse_settings(text: str, sampling, option: str = "--settings") -> list[dict]:
     """'default,ddim:50:50,dpmpp2m:15,dpmpp2m:15:15:0.2-0.8' -> [{"name", "sampler", "steps", "prior_steps"},
     ...]; "default" is the sampling config's; a missing PRIOR_STEPS is STEPS; a fourth part LO-HI adds
     "guidance_interval": [LO, HI] (decoder guidance only at steps with t/(T-1) in it)."""
@@ -91,13 +91,13 @@ def parse_settings(text: str, sampling) -> list[dict]:
             sampler, steps, prior_steps = parts[0], int(parts[1]), int(parts[2] if len(parts) > 2 else parts[1])
             interval = [float(x) for x in parts[3].split("-")] if len(parts) > 3 else None
         except (IndexError, ValueError):
-            raise SystemExit(f"error: --settings {item!r}: expected default or "
+            raise SystemExit(f"error: {option} {item!r}: expected default or "
                              "SAMPLER:STEPS[:PRIOR_STEPS[:LO-HI]]") from None
         if sampler not in SAMPLERS or len(parts) > 4 or min(steps, prior_steps) < 1:
-            raise SystemExit(f"error: --settings {item!r}: the sampler must be one of {', '.join(SAMPLERS)} "
+            raise SystemExit(f"error: {option} {item!r}: the sampler must be one of {', '.join(SAMPLERS)} "
                              "and the step counts positive")
         if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
-            raise SystemExit(f"error: --settings {item!r}: the guidance interval must be LO-HI with 0 <= LO <= HI <= 1")
+            raise SystemExit(f"error: {option} {item!r}: the guidance interval must be LO-HI with 0 <= LO <= HI <= 1")
         setting = {"name": setting_name(sampler, steps, prior_steps, interval), "sampler": sampler, "steps": steps,
                    "prior_steps": prior_steps}
         out.append(setting if interval is None else {**setting, "guidance_interval": interval})

@@ -146,6 +146,15 @@ def _label(st: dict) -> str:
     return setting_name(st["sampler"], st["steps"], st["prior_steps"], _interval(st))
 
 
+def export_command(checkpoints: str, st: dict) -> str:
+    """The dalle2.export command that makes setting `st` the sampling default of a copy of `checkpoints`."""
+    interval = _interval(st)
+    spec = f"{st['sampler']}:{st['steps']}:{st['prior_steps']}" + (f":{interval[0]:g}-{interval[1]:g}"
+                                                                   if interval else "")
+    return (f"python -m dalle2.export {checkpoints} NEW_FOLDER --half --sampling {spec} "
+            f"--guidance-scale {st['guidance_scale']:g}")
+
+
 def guidance_lines(settings: list[dict]) -> list[list[int]]:
     """Indices of the settings that differ only in decoder guidance, each group in guidance order:
     the plot joins them, so one line shows what raising the guidance does."""
@@ -218,12 +227,12 @@ def main(argv=None):
         print(f"    exact match {exact_match(r)}, R-precision {caption_match(r).get('r_precision', float('nan')):.3f}, "
               f"CLIP FD {r['distance']['clip_fd']:.4f}, "
               f"diversity {r['diversity']['clip_pairwise_distance']:.4f}")
-        summary, lines = write_sweep(out, results, ref, repeats, reader is not None)
+        summary, lines = write_sweep(out, results, ref, repeats, reader is not None, args.checkpoints)
         for k in range(1, args.noise_runs + 1) if i == ref else ():
             print(f"[reference, seed {args.seed + k}] {grid[ref]}")
             repeats.append(evaluate(model, reader, prompt_sets, grid[ref], real, args.seed + k))
             print(f"    exact match {exact_match(repeats[-1])}, CLIP FD {repeats[-1]['distance']['clip_fd']:.4f}")
-            summary, lines = write_sweep(out, results, ref, repeats, reader is not None)
+            summary, lines = write_sweep(out, results, ref, repeats, reader is not None, args.checkpoints)
     print("\n".join(lines) + f"\nrecommended: {summary['recommended']} -> {out}/sweep.png")
     return summary
 
@@ -241,7 +250,8 @@ def evaluate(model, reader, prompt_sets: dict, settings: dict, real, seed: int) 
     return r
 
 
-def write_sweep(out: Path, evaluated: list, ref: Optional[int], repeats: list, has_reader: bool):
+def write_sweep(out: Path, evaluated: list, ref: Optional[int], repeats: list, has_reader: bool,
+                checkpoints: str = "CHECKPOINTS"):
     """sweep.json, sweep.md and sweep.png for the settings evaluated so far (None: not yet); returns the
     summary and the markdown lines."""
     results = [r for r in evaluated if r is not None]
@@ -300,7 +310,9 @@ def write_sweep(out: Path, evaluated: list, ref: Optional[int], repeats: list, h
                      else "- |") for c in f["checked"]]
         lines += ["", "Paired difference: the setting's per-image exact match minus the reference's on the same "
                   "captions and noise, the sampler's own effect without the seed-to-seed noise (information; "
-                  "\"equal\" uses the tolerance)."]
+                  "\"equal\" uses the tolerance).", "",
+                  "To ship the fewest-step setting as the default of an export (the weights stay as they are): "
+                  f"`{export_command(checkpoints, f['fewest'])}`"]
     atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
     return summary, lines
 
