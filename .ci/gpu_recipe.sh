@@ -37,7 +37,10 @@
 # In that order of worth: weights and evaluation, then the sweep (the sampling defaults), then the timings.
 # Then ship: `python .ci/restore_gpu_run.py FILES_AT runs/gpu`, copy runs/gpu/pretrained to
 # checkpoints/shapes32 (SHIPPED prefers it), `git rm -r checkpoints/shapes_cpu` (the CPU-trained fallback it
-# replaces) and update the README's quick start, grid and Measured table.
+# replaces) and update the README's quick start, grid and Measured table. To ship the sweep's fewest-step
+# setting as the sampling default, run the `python -m dalle2.export ... --sampling ...` line its sweep.md
+# ends with (weights unchanged), evaluate that export and export it again with --report, as the CPU
+# fallback's card was made (README, "Pretrained weights").
 set -uo pipefail
 out=$(realpath -m "${1:?output folder}")
 cd "$(dirname "$0")/.."
@@ -51,7 +54,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   size=(data.n_train=512 data.n_test=64)  # on a GPU, the recipe's code path: compiled, bf16 (CUDA only)
   for st in clip prior decoder; do size+=("$st.train.compile=true" "$st.train.precision=bf16"); done
 else
-  sweep_settings=${SWEEP_SETTINGS:-ddim:50:64,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:20:20,dpmpp2m:15:64,dpmpp2m:15:15:0.2-0.8}
+  sweep_settings=${SWEEP_SETTINGS:-ddim:50:64,dpmpp2m:8:8,dpmpp2m:10:10,dpmpp2m:15:15,dpmpp2m:20:20,dpmpp2m:15:64,dpmpp2m:15:15:0.2-0.8}
   sweep_n=${SWEEP_N:-300}
   preset=shapes32; clip_min=${CLIP_MIN:-1.3}; prior_min=${PRIOR_MIN:-0.8}; dec_min=${DECODER_MIN:-4.0}; eval_n=${EVAL_N:-600}
   size=()
