@@ -154,3 +154,21 @@ def test_paired_difference_of_per_image_exact_match():
                for sampler, steps, flags in (("dpmpp2m", 10, [1, 0, 0, 1]), ("ddim", 50, [1, 1, 0, 1]))]
     checked = fewest_steps(results, 1, [])["checked"]
     assert checked[0]["paired_difference"] == pytest.approx(-0.25) and checked[1]["paired_se"] == 0.0
+
+
+def test_a_setting_measurably_worse_on_the_same_noise_is_not_equal():
+    ref_flags = [1] * 150 + [0] * 350  # the reference: exact match 0.30 on 500 images
+    lost = [0] * 20 + [1] * 130 + [0] * 350  # 20 images it got right are now wrong, none gained: 0.26
+    traded = [0] * 20 + [1] * 130 + [1] * 15 + [0] * 335  # 20 lost, 15 gained: 0.29
+    results = [{"settings": {"guidance_scale": 3.0, "prior_guidance_scale": 1.0, "sampler": sampler, "steps": steps,
+                             "prior_steps": steps},
+                "sets": {"test": {"n_images": 500, "faithfulness": {"all": {"exact": sum(flags) / 500}}}},
+                "distance": {"clip_fd": 0.02}, "exact_flags": flags}
+               for sampler, steps, flags in (("dpmpp2m", 6, lost), ("dpmpp2m", 8, traded), ("ddim", 50, ref_flags))]
+    found = fewest_steps(results, 2, [])
+    lost_c, traded_c = found["checked"][:2]
+    # 0.04 below is within the unpaired tolerance (2 SE of two proportions, 0.058) ...
+    assert lost_c["quality"] >= 0.30 - lost_c["tolerance"]
+    # ... but 20 of 20 changed images lost is 4.6 paired standard errors below: not equal
+    assert lost_c["paired_difference"] < -2 * lost_c["paired_se"] and not lost_c["equal"]
+    assert traded_c["equal"] and found["fewest"]["steps"] == 8  # -0.01 with 35 images changed: noise

@@ -18,7 +18,9 @@ the reference, the DDIM setting with the most steps that guides every step (else
 most steps): the reference is sampled again with --noise-runs other seeds (default 1) to measure
 run-to-run noise, and a setting at the reference's guidance counts as equal when its exact match
 (R-precision without a reader) is at most max(2 standard errors of a difference of two proportions, the
-spread of the reference's runs) lower and its CLIP Frechet distance at most twice that spread higher.
+spread of the reference's runs) lower, its per-image exact match on the same captions and noise is not
+lower by more than 2 standard errors of that paired difference, and its CLIP Frechet distance is at
+most twice the spread higher.
 Fewest means fewest decoder steps (a decoder step costs about 70 prior steps at the shapes32 sizes),
 then fewest prior steps, then the narrowest decoder guidance interval (the fewest guided rows).
 """
@@ -129,8 +131,11 @@ def fewest_steps(results: list[dict], ref: int, repeats: list[dict]) -> dict:
         ok_q = q >= q_ref - tol_q
         ok_fd = not repeats or r["distance"]["clip_fd"] <= fd_ref + 2 * spread_fd
         diff, diff_se = paired_difference(r.get("exact_flags"), results[ref].get("exact_flags"))
+        # on the same captions and noise a real drop shows with less noise than between two seeds: a
+        # setting more than 2 paired standard errors below the reference is not equal to it
+        ok_paired = diff is None or diff >= -2 * diff_se - 1e-9
         checked.append({"index": i, "settings": st, "quality": q, "tolerance": tol_q,
-                        "clip_fd": r["distance"]["clip_fd"], "equal": bool(ok_q and ok_fd),
+                        "clip_fd": r["distance"]["clip_fd"], "equal": bool(ok_q and ok_fd and ok_paired),
                         "paired_difference": diff, "paired_se": diff_se})
     equal = [c for c in checked if c["equal"]]
     def cost(c):  # decoder steps, prior steps, then the share of the steps guided
@@ -309,8 +314,8 @@ def write_sweep(out: Path, evaluated: list, ref: Optional[int], repeats: list, h
                   + (f"{c['paired_difference']:+.3f} ± {2 * c['paired_se']:.3f} |" if c["paired_se"] is not None
                      else "- |") for c in f["checked"]]
         lines += ["", "Paired difference: the setting's per-image exact match minus the reference's on the same "
-                  "captions and noise, the sampler's own effect without the seed-to-seed noise (information; "
-                  "\"equal\" uses the tolerance).", "",
+                  "captions and noise, the sampler's own effect without the seed-to-seed noise; \"equal\" also "
+                  "needs it no lower than -2 SE.", "",
                   "To ship the fewest-step setting as the default of an export (the weights stay as they are): "
                   f"`{export_command(checkpoints, f['fewest'])}`"]
     atomic_write_text(out / "sweep.md", "# Guidance sweep\n\n" + "\n".join(lines) + "\n\n![sweep](sweep.png)\n")
