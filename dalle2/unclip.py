@@ -185,9 +185,12 @@ class DALLE2(nn.Module):
                  candidates: Optional[int] = None, seed: int | Sequence[int] = 0, batch_size: Optional[int] = None,
                  progress: bool = False, return_embeddings: bool = False,
                  guidance_interval: Optional[Sequence[float]] = None,
-                 prior_guidance_interval: Optional[Sequence[float]] = None):
+                 prior_guidance_interval: Optional[Sequence[float]] = None,
+                 image_embeds: Optional[torch.Tensor] = None):
         """Images for each caption, `n_per_text` each (rows: text 0 sample 0, text 0 sample 1, ...).
         Returns float (N, 3, H, W) in [0, 1] (and the (N, E) image embeddings if return_embeddings).
+        image_embeds: (N, E) CLIP image embeddings, one per row, to decode (with the captions) instead
+        of the prior's samples, e.g. real images' own (`encode_image`): the decoder measured alone.
         Defaults come from the decoder checkpoint's `sampling` config. seed: an int, or one int per image
         (see `image_seeds`); each image draws its noise from its own CPU generators (`image_generators`),
         so its caption, seed and the settings fix it whatever the batch size, the other captions and
@@ -198,6 +201,10 @@ class DALLE2(nn.Module):
         if n_per_text < 1:
             raise ValueError(f"n_per_text must be >= 1, got {n_per_text}")
         rows = [t for t in texts for _ in range(n_per_text)]
+        if image_embeds is not None and (image_embeds.dim() != 2 or len(image_embeds) != len(rows)
+                                         or image_embeds.shape[1] != self.clip.embed_dim):
+            raise ValueError(f"image_embeds must be ({len(rows)}, {self.clip.embed_dim}): one CLIP image embedding "
+                             f"per row (captions x n_per_text), got {tuple(image_embeds.shape)}")
         seeds = image_seeds(rows, seed)
         opts = dict(guidance_scale=guidance_scale, prior_guidance_scale=prior_guidance_scale, steps=steps,
                     prior_steps=prior_steps, sampler=sampler, eta=eta, candidates=candidates,
@@ -208,12 +215,14 @@ class DALLE2(nn.Module):
         images, embs = [], []
         batches = range(0, len(rows), bs)
         # Disabled off a terminal (logs, tests) as well as by the flag.
-        bar = tqdm(total=len(batches) * (opts["prior_steps"] + opts["steps"]), desc="sampling", unit="step",
+        prior_steps = 0 if image_embeds is not None else opts["prior_steps"]
+        bar = tqdm(total=len(batches) * (prior_steps + opts["steps"]), desc="sampling", unit="step",
                    disable=None if progress else True)
         with bar:
             for start in batches:
                 gens = [image_generators(c, s) for c, s in zip(rows[start:start + bs], seeds[start:start + bs])]
-                x, image_emb = self._generate_batch(rows[start:start + bs], gens, opts, lambda i: bar.update(1))
+                given = None if image_embeds is None else image_embeds[start:start + bs].float().to(self.device)
+                x, image_emb = self._generate_batch(rows[start:start + bs], gens, opts, lambda i: bar.update(1), given)
                 images.append(x.cpu())
                 embs.append(image_emb.float().cpu())
         out = torch.cat(images)
@@ -222,17 +231,19 @@ class DALLE2(nn.Module):
                                      "check guidance_scale, steps and the checkpoints")
         return (out, torch.cat(embs)) if return_embeddings else out
 
-    def _generate_batch(self, texts, generators, opts: dict, callback=None):
-        """One batch: caption -> CLIP text features -> prior embedding -> decoder image. generators: a
-        (prior, decoder) pair of CPU generators per caption; opts: generate's resolved options."""
+    def _generate_batch(self, texts, generators, opts: dict, callback=None, image_emb=None):
+        """One batch: caption -> CLIP text features -> prior embedding (unless `image_emb` is given) ->
+        decoder image. generators: a (prior, decoder) pair of CPU generators per caption; opts: generate's
+        resolved options."""
         tokens = self.tokenizer(texts).to(self.device)  # (B, L)
         with autocast(self.device, "bf16"):  # CLIP runs once per batch; the networks are cast (lean)
             text_emb, text_enc, text_mask = self.clip.encode_text_tokens(tokens)
-        image_emb = self.prior.sample(text_emb.float(), text_enc.float(), text_mask, steps=opts["prior_steps"],
-                                      sampler=opts["sampler"], eta=opts["eta"],
-                                      guidance_scale=opts["prior_guidance_scale"], candidates=opts["candidates"],
-                                      generator=[g for g, _ in generators],
-                                      guidance_interval=opts["prior_guidance_interval"], callback=callback)
+        if image_emb is None:
+            image_emb = self.prior.sample(text_emb.float(), text_enc.float(), text_mask, steps=opts["prior_steps"],
+                                          sampler=opts["sampler"], eta=opts["eta"],
+                                          guidance_scale=opts["prior_guidance_scale"], candidates=opts["candidates"],
+                                          generator=[g for g, _ in generators],
+                                          guidance_interval=opts["prior_guidance_interval"], callback=callback)
         x = self._decode(image_emb, tokens, guidance_scale=opts["guidance_scale"], steps=opts["steps"],
                          sampler=opts["sampler"], eta=opts["eta"], generator=[g for _, g in generators],
                          guidance_interval=opts["guidance_interval"], callback=callback,

@@ -121,3 +121,21 @@ def test_sample_py_takes_the_new_sampler_and_seed_lists(tiny_run, tmp_path):
     assert json.loads((narrow / "samples.jsonl").read_text())["guidance_interval"] == [0.5, 1.0]
     with pytest.raises(SystemExit, match="--guidance-interval"):
         main(["a red circle", "--guidance-interval", "0.8", "0.2", "--out", str(tmp_path / "x")])
+
+
+def test_given_image_embeddings_are_decoded_instead_of_the_prior_samples(model, monkeypatch):
+    """generate(image_embeds=E) decodes E with the captions from the same decoder noise: given the
+    embeddings the prior drew, it draws the pipeline's own images, and the prior never runs."""
+    captions = ["a red circle", "a blue square"]
+    images, emb = model.generate(captions, n_per_text=2, seed=5, return_embeddings=True, **KW)
+
+    def no_prior(*args, **kwargs):
+        raise AssertionError("the prior ran although image embeddings were given")
+    monkeypatch.setattr(model.prior, "sample", no_prior)
+    again, emb_again = model.generate(captions, n_per_text=2, seed=5, return_embeddings=True, image_embeds=emb, **KW)
+    close(again, images)
+    assert torch.equal(emb_again, emb)
+    other = model.generate(captions, n_per_text=2, seed=5, image_embeds=emb.flip(0), **KW)
+    assert not torch.allclose(other[0], images[0])  # the embedding, not only the caption, steers the decoder
+    with pytest.raises(ValueError, match=r"image_embeds must be \(4, "):
+        model.generate(captions, n_per_text=2, image_embeds=emb[:3], **KW)

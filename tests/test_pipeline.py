@@ -30,6 +30,9 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path, capsys):
     assert report["reader_accuracy"]["all"]["colour"] > 0.97  # the reader's ceiling is reported
     assert {"clip_fd", "clip_kid"} <= set(report["distance"]) and "near_duplicate_rate" in report["memorisation"]
     assert "rephrased" in report["sets"] and "partial" in report["sets"]
+    alone = report["sets"]["test"]["decoder_alone"]  # the decoder on the test images' own embeddings
+    assert alone["all"]["n"] == 8 and 0.0 <= alone["all"]["exact"] <= 1.0
+    assert "| test, decoder alone | all | 8 |" in (out / "report" / "report.md").read_text()
     match = report["sets"]["test"]["caption_match"]
     assert 0.0 <= match["r_precision"] <= 1.0 and report["reference"]["caption_match"]["n_captions"] >= 1
     assert all((out / stage / "loss.png").is_file() for stage in ("clip", "prior", "decoder"))

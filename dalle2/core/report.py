@@ -52,6 +52,10 @@ def faithfulness_table(sets: dict) -> list[str]:
         for split, s in (entry.get("faithfulness") or {}).items():
             if s["n"]:
                 lines.append(f"| {name} | {split} | {s['n']} | " + " | ".join(_fmt(s[a]) for a in ATTRS) + " |")
+        for split, s in (entry.get("decoder_alone") or {}).items():
+            if s["n"]:
+                lines.append(f"| {name}, decoder alone | {split} | {s['n']} | " + " | ".join(_fmt(s[a]) for a in ATTRS)
+                             + " |")
     return lines
 
 
@@ -92,7 +96,10 @@ def markdown(report: dict) -> str:
         out += ["## Faithfulness of generated images", "",
                 "Per-attribute accuracy over stated attributes; binding over two-object captions; count and exact "
                 "match per image (exact: everything stated is right and nothing extra is drawn). `heldout`: "
-                "captions naming a zero-shot colour-shape pair never seen in training.", ""]
+                "captions naming a zero-shot colour-shape pair never seen in training."
+                + (" `decoder alone`: each test image's own CLIP image embedding decoded with its caption, instead "
+                   "of the prior's sample (what the decoder gets wrong by itself)."
+                   if any(e.get("decoder_alone") for e in report["sets"].values()) else ""), ""]
         out += faithfulness_table(report["sets"]) + [""]
     out += caption_match_table(report)
     div = report.get("diversity") or {}

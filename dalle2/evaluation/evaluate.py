@@ -14,7 +14,9 @@ Distance: Frechet / kernel distances on the project's own CLIP image features (n
 standard FID/KID when torchvision's Inception weights are already on the machine. Caption match, for
 any data (the only faithfulness figure where no attribute reader exists: CIFAR-10, user folders): CLIP
 score and R-precision of each image against its caption with the run's own CLIP, next to the same
-figures for real test images.
+figures for real test images. "Decoder alone" (shapes): the test images' own CLIP image embeddings
+decoded with their captions instead of the prior's samples, so that the decoder's share of the errors
+shows beside the whole pipeline's.
 
 Writes OUT/report.json (all figures), OUT/report.md (tables) and OUT/best_worst.png.
 """
@@ -173,6 +175,17 @@ def reference_figures(real: RealFeatures, seed: int = 0) -> dict:
             "real_test_nn_cosine_mean": mem["nn_cosine_mean"]}
 
 
+def decoder_alone(model, reader, captions: list[str], real_images: torch.Tensor, settings: dict, n_per_text: int,
+                  seed: int) -> dict:
+    """Faithfulness of the decoder by itself: each test image's own CLIP image embedding decoded with its
+    caption (the same decoder noise as the pipeline's samples), instead of the prior's sample. Beside
+    the pipeline's figures it says which stage the errors come from."""
+    emb = embed_images(model.clip, real_images).repeat_interleave(n_per_text, dim=0)
+    decoding = {k: v for k, v in settings.items() if k not in ("prior_guidance_scale", "prior_steps")}
+    images = model.generate(captions, n_per_text=n_per_text, seed=seed, progress=True, image_embeds=emb, **decoding)
+    return faithfulness(reader, to_uint8(images), [c for c in captions for _ in range(n_per_text)])["summary"]
+
+
 def load_everything(checkpoints: str, device, limit: Optional[int], prompts_file: Optional[str], split: str,
                     sets: list[str], reader_cache: Optional[str] = None, config_args=None):
     """The model, the reader (shapes only), the prompt sets and the real images to compare with.
@@ -249,6 +262,9 @@ def main(argv=None):
         report["reference"]["caption_match"] = caption_match_of(model, real.test, prompt_sets["test"], args.seed)
     result = evaluate_settings(model, reader, prompt_sets, settings, real=real, n_per_text=args.n, seed=args.seed,
                                keep_images=True)
+    if reader is not None and "test" in prompt_sets:
+        result["sets"]["test"]["decoder_alone"] = decoder_alone(model, reader, prompt_sets["test"], real_test,
+                                                                settings, args.n, args.seed)
     report.update(result)
     out = Path(args.out) if args.out else Path(args.checkpoints) / "report"
     write_report(report, out, reader)
