@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from dalle2.core.cli import main_wrapper
+from dalle2.evaluation.benchmark import parse_settings
 from dalle2.unclip import DALLE2
 
 
@@ -67,8 +68,6 @@ def set_sampling_defaults(model, setting: Optional[str], guidance_scale: Optiona
     sweep's SAMPLER:STEPS[:PRIOR_STEPS[:LO-HI]] form; a setting without LO-HI guides every step."""
     if setting is None and guidance_scale is None:
         return
-    from dalle2.evaluation.benchmark import parse_settings
-
     changes = {}
     if setting is not None:
         parsed = parse_settings(setting, model.sampling, "--sampling")
