@@ -22,7 +22,7 @@
 #
 # STOP_AT=SECONDS makes the run fit a device call: everything is done SECONDS after the script starts.
 # The decoder, trained last, gets DECODER_MIN or the time left less AFTER_S (the seconds the grid,
-# evaluations, export and sweep after it need; default 110, 190 with SWEEP=1), whichever is less; the
+# evaluations, export and sweep after it need; default 125, 205 with SWEEP=1), whichever is less; the
 # sweep and the benchmark get at most the time left. If CLIP fails the run stops at once (every later
 # stage needs it), so a broken run returns in seconds, not minutes.
 #
@@ -119,7 +119,7 @@ log "prior: budget $prior_min min"
 python3 dalle2/train_prior.py "${common[@]}" --budget "$prior_min" 2>&1 | bars_out | tail -60
 export_stage prior
 if [ "$stop_at" -gt 0 ]; then  # the decoder gets what is left before STOP_AT, less the work after it
-  after=${AFTER_S:-$([ "${SWEEP:-0}" = 1 ] && echo 190 || echo 110)}
+  after=${AFTER_S:-$([ "${SWEEP:-0}" = 1 ] && echo 205 || echo 125)}
   dec_min=$(python3 -c "print(round(min($dec_min, max(0.5, ($(left) - $after) / 60)), 2))")
 fi
 log "decoder: budget $dec_min min"
