@@ -39,8 +39,9 @@
 # checkpoints/shapes32 (SHIPPED prefers it), `git rm -r checkpoints/shapes_cpu` (the CPU-trained fallback it
 # replaces) and update the README's quick start, grid and Measured table. To ship the sweep's fewest-step
 # setting as the sampling default, run the `python -m dalle2.export ... --sampling ...` line its sweep.md
-# ends with, on runs/gpu/pretrained in place of the GPU machine's path (weights unchanged), evaluate that export and export it again with --report, as the CPU
-# fallback's card was made (README, "Pretrained weights").
+# ends with, on runs/gpu/pretrained in place of the GPU machine's path (weights unchanged), evaluate that
+# export and export it again with --report, as the CPU fallback's card was made (README, "Pretrained
+# weights").
 set -uo pipefail
 out=$(realpath -m "${1:?output folder}")
 cd "$(dirname "$0")/.."
