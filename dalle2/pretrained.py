@@ -215,7 +215,8 @@ def _training_seconds(stage, name: str, run_dir: Optional[Path], earlier: dict) 
         seconds = training_seconds(run_dir / name / "metrics.jsonl", getattr(stage.config, name).train.batch_size)
         if seconds is not None:
             return round(seconds, 1)
-    entry = (earlier.get("stages") or {}).get(name) if isinstance(earlier.get("stages"), dict) else None
+    stages = earlier.get("stages")
+    entry = stages.get(name) if isinstance(stages, dict) else None
     if isinstance(entry, dict) and entry.get("step") == int(stage.step) \
             and isinstance(entry.get("training_seconds"), (int, float)):
         return float(entry["training_seconds"])

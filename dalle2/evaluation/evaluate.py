@@ -175,12 +175,13 @@ def reference_figures(real: RealFeatures, seed: int = 0) -> dict:
             "real_test_nn_cosine_mean": mem["nn_cosine_mean"]}
 
 
-def decoder_alone(model, reader, captions: list[str], real_images: torch.Tensor, settings: dict, n_per_text: int,
+def decoder_alone(model, reader, captions: list[str], real_emb: torch.Tensor, settings: dict, n_per_text: int,
                   seed: int) -> dict:
-    """Faithfulness of the decoder by itself: each test image's own CLIP image embedding decoded with its
-    caption (the same decoder noise as the pipeline's samples), instead of the prior's sample. Beside
-    the pipeline's figures it says which stage the errors come from."""
-    emb = embed_images(model.clip, real_images).repeat_interleave(n_per_text, dim=0)
+    """Faithfulness of the decoder by itself: each test image's own CLIP image embedding (`real_emb`, the
+    RealFeatures already computed) decoded with its caption (the same decoder noise as the pipeline's
+    samples), instead of the prior's sample. Beside the pipeline's figures it says which stage the
+    errors come from."""
+    emb = real_emb.repeat_interleave(n_per_text, dim=0)
     decoding = {k: v for k, v in settings.items() if k not in ("prior_guidance_scale", "prior_steps")}
     images = model.generate(captions, n_per_text=n_per_text, seed=seed, progress=True, image_embeds=emb, **decoding)
     return faithfulness(reader, to_uint8(images), [c for c in captions for _ in range(n_per_text)])["summary"]
@@ -263,7 +264,7 @@ def main(argv=None):
     result = evaluate_settings(model, reader, prompt_sets, settings, real=real, n_per_text=args.n, seed=args.seed,
                                keep_images=True)
     if reader is not None and "test" in prompt_sets:
-        result["sets"]["test"]["decoder_alone"] = decoder_alone(model, reader, prompt_sets["test"], real_test,
+        result["sets"]["test"]["decoder_alone"] = decoder_alone(model, reader, prompt_sets["test"], real.test,
                                                                 settings, args.n, args.seed)
     report.update(result)
     out = Path(args.out) if args.out else Path(args.checkpoints) / "report"
